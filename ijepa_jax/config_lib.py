@@ -1,0 +1,148 @@
+"""Shared config defaults and up-front validation.
+
+Every file in configs/ starts from `default_config()` and overrides what its
+experiment changes; `validate` runs before anything is built, so a bad value
+fails in the first second with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ijepa_jax import masks
+from ijepa_jax.models import vit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOSSES = ("smooth_l1", "l2")
+SOURCES = ("cifar100", "synthetic")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = -1  # > 0: stop after this many steps (schedules still span all epochs)
+    c.log_every_steps = 10
+
+    c.model = dict(
+        name="vit_huge",
+        patch_size=14,
+        pred_depth=12,
+        pred_width=384,
+        dtype="float32",  # compute dtype; parameters are always float32
+        scan_layers=False,  # scan the block stack: compile time flat in depth
+        remat=False,  # rematerialise each block in the backward pass
+        attention_impl="",  # '' (XLA) or 'cudnn'
+    )
+    c.data = dict(
+        source="cifar100",
+        root="",
+        split="train",
+        crop_size=224,
+        crop_scale=(0.3, 1.0),
+        batch_size=2048,  # global, over all devices and hosts
+        num_workers=0,  # grain worker processes; 0 decodes/crops/masks in the main process
+        num_threads=4,  # grain read threads per process
+        prefetch_batches=2,  # batches kept on device ahead of the step
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        synthetic_images=1024,  # for source='synthetic' (tests, benchmarks)
+        synthetic_classes=10,
+    )
+    c.mask = dict(
+        mode="reference",  # 'reference' or 'corrected' (see ijepa_jax/masks.py)
+        num_targets=4,
+        target_scale=(0.15, 0.2),
+        target_aspect=(0.75, 1.5),
+        context_scale=(0.85, 1.0),
+        context_aspect=(1.0, 1.0),
+        min_keep=10,
+        allow_overlap=False,
+        context_tokens=-1,  # K context tokens per image; -1: mean reference batch minimum
+        auto_context_batch=128,  # per-GPU batch of the reference, for context_tokens=-1
+    )
+    c.optim = dict(
+        epochs=300,
+        warmup_epochs=40,
+        ipe_scale=1.0,
+        start_lr=2e-4,
+        lr=1e-3,
+        final_lr=1e-6,
+        weight_decay=0.04,
+        final_weight_decay=0.4,
+        ema=(0.996, 1.0),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        loss="smooth_l1",  # 'smooth_l1' (reference code) or 'l2' (paper text)
+    )
+    return c
+
+
+def reference_recipe(model_name: str, patch_size: int, crop_size: int, epochs: int) -> ml_collections.ConfigDict:
+    """The official I-JEPA recipe (configs/*.yaml of the reference repo) for one model.
+
+    Global batch 2048 (16 GPUs x 128), predictor 12 x 384, AdamW with lr
+    2e-4 -> 1e-3 over 40 warmup epochs then cosine to 1e-6, weight decay
+    0.04 -> 0.4, EMA 0.996 -> 1.0, crops of scale (0.3, 1.0), reference masks.
+    Runs in bf16 with a scanned block stack.
+    """
+    c = default_config()
+    c.model.update(name=model_name, patch_size=patch_size, pred_depth=12, pred_width=384)
+    c.model.update(dtype="bfloat16", scan_layers=True)
+    c.data.update(source="folder", crop_size=crop_size, crop_scale=(0.3, 1.0), batch_size=2048, num_workers=16)
+    c.mask.mode = "reference"
+    c.optim.update(epochs=epochs, warmup_epochs=40, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
+    c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raise ValueError naming the offending key and the fix."""
+    m, d, o = config.model, config.data, config.optim
+    if m.name not in vit.VIT_SIZES:
+        raise ValueError(f"model.name={m.name!r}; choose one of {sorted(vit.VIT_SIZES)}.")
+    embed_dim, _, heads, _ = vit.VIT_SIZES[m.name]
+    if m.patch_size < 1 or d.crop_size % m.patch_size:
+        raise ValueError(
+            f"data.crop_size={d.crop_size} is not divisible by model.patch_size={m.patch_size}; "
+            f"use a crop of {d.crop_size // max(m.patch_size, 1) * max(m.patch_size, 1)} or a patch size that divides it."
+        )
+    if m.pred_width % heads or m.pred_width % 4:
+        raise ValueError(
+            f"model.pred_width={m.pred_width} must be divisible by 4 (sin-cos) and by the "
+            f"{heads} heads of {m.name}."
+        )
+    if m.pred_depth < 1:
+        raise ValueError(f"model.pred_depth={m.pred_depth} must be >= 1.")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
+    if m.attention_impl not in ("", "xla", "cudnn"):
+        raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
+    if d.source not in SOURCES:
+        raise ValueError(
+            f"data.source={d.source!r} is not available; choose one of {SOURCES} "
+            "(ImageNet folders and TFDS are tracked by the data-pipelines issue)."
+        )
+    if d.batch_size < 1 or d.batch_size % num_devices:
+        raise ValueError(
+            f"data.batch_size={d.batch_size} (global) is not divisible by the {num_devices} devices; "
+            f"use a multiple of {num_devices}, e.g. {max(1, d.batch_size // num_devices) * num_devices}."
+        )
+    if d.batch_size % num_processes:
+        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {num_processes} processes.")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < low <= high <= 1.")
+    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+        raise ValueError("data.mean and data.std need 3 values each, std > 0.")
+    if o.loss not in LOSSES:
+        raise ValueError(f"optim.loss={o.loss!r}; choose one of {LOSSES}.")
+    if o.epochs <= 0 or not 0 <= o.warmup_epochs <= o.epochs:
+        raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
+    if not 0 <= o.ema[0] <= o.ema[1] <= 1:
+        raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
+    if config.log_every_steps < 1:
+        raise ValueError(f"log_every_steps={config.log_every_steps} must be >= 1.")
+    masks.validate(masks.MaskSpec.from_config(config))

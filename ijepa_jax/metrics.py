@@ -1,0 +1,76 @@
+"""Run logging: one JSON object per logged step, TensorBoard scalars, console progress.
+
+Only process 0 writes. Files are opened in append mode and flushed per
+record, so a crash never loses what was already logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self._start = time.time()
+        self._first_step = None
+        self._jsonl = None
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        """Log the metrics of `step` (1-based count of completed steps)."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"train/{k}", v, step)
+        self._tb.flush()
+        print(self._progress_line(step, record), flush=True)
+
+    def _progress_line(self, step: int, record: dict) -> str:
+        now = time.time()
+        if self._first_step is None:
+            self._first_step, self._first_time = step, now
+        done = step - self._first_step
+        eta = (now - self._first_time) / done * (self.total_steps - step) if done > 0 else float("nan")
+        eta_s = format_duration(eta) if math.isfinite(eta) else "?"
+        return (
+            f"step {step}/{self.total_steps} epoch {record.get('epoch', 0):.2f} "
+            f"loss {record['loss']:.4f} lr {record['lr']:.3g} "
+            f"img/s {record.get('img_per_s', float('nan')):.1f} "
+            f"elapsed {format_duration(now - self._start)} eta {eta_s}"
+        )
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _to_python(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    return v

@@ -1,0 +1,147 @@
+"""Train state, its initialisation, the I-JEPA loss, and the pure train step.
+
+Batch layout (see ijepa_jax/masks.py for the static-shape policy):
+  images        uint8 (B, H, W, 3), normalised inside the step
+  context_idx   int32 (B, K)     context_valid bool (B, K)
+  target_idx    int32 (B, M, T)  target_valid  bool (B, M, T)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ijepa_jax import optim
+from ijepa_jax.models import vit
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {'encoder': ..., 'predictor': ...}: the online (context) parameters
+    target_params: Any  # EMA copy of params['encoder']
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The two Flax modules and the static facts the loss needs."""
+
+    encoder: vit.Encoder
+    predictor: vit.Predictor
+    mean: tuple
+    std: tuple
+    loss: str = "smooth_l1"
+
+
+def make_models(config, grid: int) -> Models:
+    return Models(
+        encoder=vit.make_encoder(config.model),
+        predictor=vit.make_predictor(config.model, grid, grid),
+        mean=tuple(config.data.mean),
+        std=tuple(config.data.std),
+        loss=config.optim.loss,
+    )
+
+
+def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
+
+
+def init_state(rng: jax.Array, models: Models, tx: optax.GradientTransformation, batch_shapes: dict) -> TrainState:
+    """Fresh state; `batch_shapes` maps batch keys to ShapeDtypeStructs (only shapes are used)."""
+    k_enc, k_pred = jax.random.split(rng)
+    images = jnp.zeros((1,) + batch_shapes["images"].shape[1:], jnp.float32)
+    ctx_idx = jnp.zeros((1,) + batch_shapes["context_idx"].shape[1:], jnp.int32)
+    tgt_idx = jnp.zeros((1,) + batch_shapes["target_idx"].shape[1:], jnp.int32)
+    enc_params = models.encoder.init(k_enc, images)["params"]
+    context = jnp.zeros(ctx_idx.shape + (models.encoder.embed_dim,), jnp.float32)
+    pred_params = models.predictor.init(
+        k_pred, context, ctx_idx, ctx_idx >= 0, tgt_idx, tgt_idx >= 0
+    )["params"]
+    params = {"encoder": enc_params, "predictor": pred_params}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        # Reference: target_encoder = copy.deepcopy(encoder).
+        target_params=jax.tree.map(jnp.copy, enc_params),
+        opt_state=tx.init(params),
+    )
+
+
+def gather_targets(h: jax.Array, target_idx: jax.Array) -> jax.Array:
+    """h: (B, N, D), target_idx: (B, M, T) -> (B, M, T, D)."""
+    b, m, t = target_idx.shape
+    return vit.gather_tokens(h, target_idx.reshape(b, m * t)).reshape(b, m, t, -1)
+
+
+def loss_fn(params, target_params, batch, models: Models):
+    images = normalize(batch["images"], models.mean, models.std)
+    # Targets: the EMA encoder sees the whole image; features are LayerNorm-ed
+    # without affine (torch default eps 1e-5) and carry no gradient.
+    h = models.encoder.apply({"params": target_params}, images)
+    h = jax.nn.standardize(h.astype(jnp.float32), axis=-1, epsilon=1e-5)
+    targets = jax.lax.stop_gradient(gather_targets(h, batch["target_idx"]))
+
+    z = models.encoder.apply(
+        {"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"]
+    )
+    pred = models.predictor.apply(
+        {"params": params["predictor"]},
+        z,
+        batch["context_idx"],
+        batch["context_valid"],
+        batch["target_idx"],
+        batch["target_valid"],
+    ).astype(jnp.float32)
+
+    if models.loss == "smooth_l1":
+        per_elem = optax.huber_loss(pred, targets, delta=1.0)  # == smooth L1 with beta 1
+    else:
+        per_elem = optax.squared_error(pred, targets)
+    valid = batch["target_valid"].astype(jnp.float32)
+    per_token = per_elem.mean(-1)
+    loss = (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    return loss
+
+
+def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules: optim.Schedules):
+    """One optimizer step + EMA update. Pure: (state, batch) -> (state, metrics)."""
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.target_params, batch, models)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The momentum is a traced function of the step, so one compiled step
+    # serves the whole schedule.
+    m = schedules.momentum(state.step)
+    target_params = jax.tree.map(lambda t, o: m * t + (1.0 - m) * o, state.target_params, params["encoder"])
+    metrics = {
+        "loss": loss,
+        "lr": schedules.lr(state.step),
+        "wd": schedules.weight_decay(state.step),
+        "momentum": m,
+        "grad_norm": optax.global_norm(grads),
+        "context_tokens": batch["context_valid"].sum(-1).mean(dtype=jnp.float32),
+        "target_tokens": batch["target_valid"].sum(-1).mean(dtype=jnp.float32),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, target_params=target_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def jit_train_step(models: Models, tx, schedules: optim.Schedules, state_sharding, batch_sharding, metrics_sharding):
+    """The train step, jit-compiled with explicit shardings and the state donated."""
+    return jax.jit(
+        functools.partial(train_step, models=models, tx=tx, schedules=schedules),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=(0,),
+    )

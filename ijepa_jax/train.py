@@ -1,0 +1,170 @@
+"""I-JEPA pretraining: config -> mesh -> data -> state -> compiled step -> loop.
+
+    python -m ijepa_jax.train --config configs/cifar100.py:vit_tiny --workdir runs/c100 \
+        --config.data.root=../shared/data --config.total_steps=50
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ijepa_jax import config_lib, masks, optim, sharding
+from ijepa_jax import step as step_lib
+from ijepa_jax.data import pipeline, sources
+from ijepa_jax.metrics import MetricsWriter, format_duration
+from ijepa_jax.models import vit
+
+
+def batch_shapes(config, spec: masks.MaskSpec) -> dict:
+    """Global shapes of one batch (what the step is compiled for)."""
+    b, s = config.data.batch_size, config.data.crop_size
+    k, m, t = spec.context_tokens, spec.num_targets, spec.target_tokens
+    return {
+        "images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+        "context_idx": jax.ShapeDtypeStruct((b, k), jnp.int32),
+        "context_valid": jax.ShapeDtypeStruct((b, k), jnp.bool_),
+        "target_idx": jax.ShapeDtypeStruct((b, m, t), jnp.int32),
+        "target_valid": jax.ShapeDtypeStruct((b, m, t), jnp.bool_),
+    }
+
+
+def write_resolved_config(config, workdir: str, spec: masks.MaskSpec) -> ml_collections.ConfigDict:
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.mask.context_tokens = spec.context_tokens
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(resolved.to_json_best_effort(indent=2))
+    return resolved
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs pretraining; returns the metrics of the last step."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh()
+    spec = masks.resolve_spec(config)
+    config = write_resolved_config(config, workdir, spec)
+    grid = config.data.crop_size // config.model.patch_size
+
+    source = sources.make_source(config.data)
+    steps_per_epoch = pipeline.steps_per_epoch(len(source), config.data.batch_size)
+    total_steps = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
+
+    schedules = optim.make_schedules(config.optim, steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedules)
+    models = step_lib.make_models(config, grid)
+    shapes = batch_shapes(config, spec)
+
+    init = lambda rng: step_lib.init_state(rng, models, tx, shapes)  # noqa: E731
+    rng = jax.random.key(config.seed)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    train_step = step_lib.jit_train_step(
+        models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    )
+
+    _print_summary(config, state, spec, len(source), steps_per_epoch, total_steps)
+    dataset = pipeline.pretrain_dataset(
+        source, config.data, spec, config.seed, jax.process_index(), jax.process_count()
+    )
+    batches = pipeline.prefetch_to_device(iter(dataset), mesh, config.data.prefetch_batches)
+    writer = MetricsWriter(workdir, total_steps)
+    try:
+        return _loop(config, state, train_step, batches, writer, steps_per_epoch, total_steps)
+    finally:
+        writer.close()
+
+
+def _loop(config, state, train_step, batches, writer, steps_per_epoch, total_steps) -> dict:
+    """Dispatches step k+1 before fetching step k's metrics, so the host never stalls the devices."""
+    start = int(state.step)
+    t_start = time.time()
+    window = {"step": start, "time": t_start}  # throughput is measured between logged steps
+    last = {}
+
+    def on_step_done(done: int, metrics) -> None:
+        nonlocal last
+        last = _check_finite(done, metrics)
+        now = time.time()
+        last["epoch"] = done / steps_per_epoch
+        if done == start + 1:
+            last["first_step_time_s"] = now - t_start  # compilation + one step
+        elif done % config.log_every_steps == 0 or done == total_steps:
+            steps = done - window["step"]
+            last["step_time_s"] = (now - window["time"]) / steps
+            last["img_per_s"] = config.data.batch_size / last["step_time_s"]
+        else:
+            return
+        writer.write(done, last)
+        window.update(step=done, time=now)
+
+    in_flight = None
+    for step in range(start, total_steps):
+        state, metrics = train_step(state, next(batches))
+        if in_flight is not None:
+            on_step_done(*in_flight)
+        in_flight = (step + 1, metrics)
+    if in_flight is not None:
+        on_step_done(*in_flight)
+    print(f"done: {total_steps - start} steps in {format_duration(time.time() - t_start)}", flush=True)
+    return last
+
+
+def _check_finite(step: int, metrics) -> dict:
+    values = {k: v.item() for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"The loss became {values['loss']} at step {step}; stopping (metrics so far are in metrics.jsonl). "
+            "Try a lower optim.lr or a longer optim.warmup_epochs, model.dtype=float32, or check the input data."
+        )
+    return values
+
+
+def _print_summary(config, state, spec, num_images, steps_per_epoch, total_steps) -> None:
+    if jax.process_index() != 0:
+        return
+    print(
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}\n"
+        f"model: {config.model.name}/{config.model.patch_size} at {config.data.crop_size}px, "
+        f"encoder {vit.count_params(state.params['encoder']) / 1e6:.2f}M params, "
+        f"predictor {vit.count_params(state.params['predictor']) / 1e6:.2f}M params, dtype {config.model.dtype}\n"
+        f"masks: mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, {spec.context_tokens} context tokens/image, "
+        f"{spec.num_targets} target blocks of <= {spec.target_tokens} tokens\n"
+        f"data: {config.data.source}, {num_images} images, global batch {config.data.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, running {total_steps} steps",
+        flush=True,
+    )
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host: SLURM, TPU pod slices)."
+)
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
+
+
+def main(argv) -> None:
+    del argv
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if _TRACEBACK.value:
+            raise
+        sys.exit(f"error: {e}\n(run with --traceback for the full stack trace)")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
