@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -38,23 +38,27 @@ def batch_shapes(config, spec: masks.MaskSpec) -> dict:
     }
 
 
-def write_resolved_config(config, workdir: str, spec: masks.MaskSpec) -> ml_collections.ConfigDict:
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.mask.context_tokens = spec.context_tokens
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(resolved.to_json_best_effort(indent=2))
-    return resolved
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run builds from its config before the first step."""
+
+    config: ml_collections.ConfigDict  # resolved: mask.context_tokens filled in
+    mesh: jax.sharding.Mesh
+    spec: masks.MaskSpec
+    source: object
+    steps_per_epoch: int
+    total_steps: int
+    state: step_lib.TrainState
+    train_step: object  # jitted (state, batch) -> (state, metrics)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs pretraining; returns the metrics of the last step."""
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Validate, then build mesh, masks, data source, sharded state and the jitted step."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh()
     spec = masks.resolve_spec(config)
-    config = write_resolved_config(config, workdir, spec)
-    grid = config.data.crop_size // config.model.patch_size
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mask.context_tokens = spec.context_tokens
 
     source = sources.make_source(config.data)
     steps_per_epoch = pipeline.steps_per_epoch(len(source), config.data.batch_size)
@@ -62,7 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     schedules = optim.make_schedules(config.optim, steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedules)
-    models = step_lib.make_models(config, grid)
+    models = step_lib.make_models(config, config.data.crop_size // config.model.patch_size)
     shapes = batch_shapes(config, spec)
 
     init = lambda rng: step_lib.init_state(rng, models, tx, shapes)  # noqa: E731
@@ -72,21 +76,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = step_lib.jit_train_step(
         models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
     )
+    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, state, train_step)
 
-    _print_summary(config, state, spec, len(source), steps_per_epoch, total_steps)
+
+def train_batches(exp: Experiment):
+    """This run's batches as global device arrays, prefetched."""
+    c = exp.config
     dataset = pipeline.pretrain_dataset(
-        source, config.data, spec, config.seed, jax.process_index(), jax.process_count()
+        exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count()
     )
-    batches = pipeline.prefetch_to_device(iter(dataset), mesh, config.data.prefetch_batches)
-    writer = MetricsWriter(workdir, total_steps)
+    return pipeline.prefetch_to_device(iter(dataset), exp.mesh, c.data.prefetch_batches)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs pretraining; returns the metrics of the last step."""
+    exp = build(config)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(exp.config.to_json_best_effort(indent=2))
+    _print_summary(exp)
+    writer = MetricsWriter(workdir, exp.total_steps)
     try:
-        return _loop(config, state, train_step, batches, writer, steps_per_epoch, total_steps)
+        return _loop(exp, train_batches(exp), writer)
     finally:
         writer.close()
 
 
-def _loop(config, state, train_step, batches, writer, steps_per_epoch, total_steps) -> dict:
+def _loop(exp: Experiment, batches, writer: MetricsWriter) -> dict:
     """Dispatches step k+1 before fetching step k's metrics, so the host never stalls the devices."""
+    config, state, train_step = exp.config, exp.state, exp.train_step
+    steps_per_epoch, total_steps = exp.steps_per_epoch, exp.total_steps
     start = int(state.step)
     t_start = time.time()
     window = {"step": start, "time": t_start}  # throughput is measured between logged steps
@@ -130,9 +150,10 @@ def _check_finite(step: int, metrics) -> dict:
     return values
 
 
-def _print_summary(config, state, spec, num_images, steps_per_epoch, total_steps) -> None:
+def _print_summary(exp: Experiment) -> None:
     if jax.process_index() != 0:
         return
+    config, state, spec = exp.config, exp.state, exp.spec
     print(
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}\n"
         f"model: {config.model.name}/{config.model.patch_size} at {config.data.crop_size}px, "
@@ -140,8 +161,8 @@ def _print_summary(config, state, spec, num_images, steps_per_epoch, total_steps
         f"predictor {vit.count_params(state.params['predictor']) / 1e6:.2f}M params, dtype {config.model.dtype}\n"
         f"masks: mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, {spec.context_tokens} context tokens/image, "
         f"{spec.num_targets} target blocks of <= {spec.target_tokens} tokens\n"
-        f"data: {config.data.source}, {num_images} images, global batch {config.data.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, running {total_steps} steps",
+        f"data: {config.data.source}, {len(exp.source)} images, global batch {config.data.batch_size}, "
+        f"{exp.steps_per_epoch} steps/epoch, running {exp.total_steps} steps",
         flush=True,
     )
 

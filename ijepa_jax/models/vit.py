@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # name -> (embed dim, depth, heads, mlp ratio), as in the reference vision_transformer.py.
+# 'vit_micro' is not a reference size: it exists for unit tests and smoke runs.
 VIT_SIZES: dict[str, tuple[int, int, int, float]] = {
+    "vit_micro": (64, 2, 2, 4.0),
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),

@@ -1,0 +1,79 @@
+"""Render a batch's crops with their context and target blocks to a PNG.
+
+    python -m ijepa_jax.tools.show_masks --config configs/cifar100.py:vit_tiny \
+        --config.data.root=../shared/data --out masks.png
+
+Each image gets three panels: the crop; the context the encoder sees (other
+patches greyed, padding never shown); the target blocks, one colour each.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
+
+from ijepa_jax import masks
+from ijepa_jax.data import pipeline, sources
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+_OUT = flags.DEFINE_string("out", "masks.png", "Output PNG.")
+_NUM = flags.DEFINE_integer("num_images", 8, "Images to show (rows).")
+_SCALE = flags.DEFINE_integer("panel_size", 160, "Pixel size of each panel.")
+
+TARGET_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def patch_mask(indices: np.ndarray, valid: np.ndarray, grid: int) -> np.ndarray:
+    """Valid patch indices -> (grid, grid) boolean mask."""
+    m = np.zeros(grid * grid, bool)
+    m[indices[valid]] = True
+    return m.reshape(grid, grid)
+
+
+def render(batch: dict, grid: int, num_images: int, panel: int) -> Image.Image:
+    """One row per image: crop | context | targets."""
+    rows = min(num_images, len(batch["images"]))
+    canvas = Image.new("RGB", (3 * panel, rows * panel), "white")
+    cell = panel / grid
+    for r in range(rows):
+        crop = np.asarray(Image.fromarray(batch["images"][r]).resize((panel, panel), Image.NEAREST), np.float32)
+        ctx = patch_mask(batch["context_idx"][r], batch["context_valid"][r], grid)
+        ctx_px = np.kron(ctx, np.ones((int(np.ceil(cell)),) * 2))[:panel, :panel, None]
+        context_panel = crop * ctx_px + (0.25 * crop + 0.75 * 200) * (1 - ctx_px)
+        target_panel = Image.fromarray((0.35 * crop + 0.65 * 255).astype(np.uint8))
+        draw = ImageDraw.Draw(target_panel, "RGBA")
+        for m in range(batch["target_idx"].shape[1]):
+            colour = TARGET_COLOURS[m % len(TARGET_COLOURS)]
+            idx = batch["target_idx"][r, m][batch["target_valid"][r, m]]
+            for i in idx:
+                y, x = divmod(int(i), grid)
+                box = [x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1]
+                draw.rectangle(box, fill=colour + (110,), outline=colour + (255,))
+        canvas.paste(Image.fromarray(crop.astype(np.uint8)), (0, r * panel))
+        canvas.paste(Image.fromarray(context_panel.astype(np.uint8)), (panel, r * panel))
+        canvas.paste(target_panel, (2 * panel, r * panel))
+    return canvas
+
+
+def main(argv) -> None:
+    del argv
+    config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
+    config.data.batch_size = max(_NUM.value, 1)  # one batch: target sizes are drawn per batch
+    spec = masks.resolve_spec(config)
+    source = sources.make_source(config.data)
+    ds = pipeline.pretrain_dataset(source, config.data, spec, seed=config.seed)
+    batch = next(iter(ds))
+    image = render(batch, spec.grid_h, _NUM.value, _SCALE.value)
+    image.save(_OUT.value)
+    print(
+        f"wrote {_OUT.value}: {_NUM.value} images, mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, "
+        f"{spec.context_tokens} context tokens, {spec.num_targets} targets of <= {spec.target_tokens}"
+    )
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

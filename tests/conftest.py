@@ -1,0 +1,43 @@
+"""Test set-up: 8 fake CPU devices (for sharding tests) and small configs."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from ijepa_jax import config_lib  # noqa: E402
+
+SHARED_DATA = os.environ.get(
+    "IJEPA_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
+
+
+def small_config(**overrides):
+    """A seconds-to-compile config on generated data: ViT-micro/4 at 16px (a 4x4 grid), batch 8."""
+    c = config_lib.default_config()
+    c.model.update(name="vit_micro", patch_size=4, pred_depth=1, pred_width=32)
+    c.data.update(source="synthetic", crop_size=16, batch_size=8, synthetic_images=64, num_threads=1)
+    c.mask.update(
+        mode="corrected", num_targets=2, target_scale=(0.25, 0.3), target_aspect=(1.0, 1.0),
+        context_scale=(0.9, 1.0), min_keep=2, context_tokens=6,
+    )
+    c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
+    c.log_every_steps = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture
+def shared_data():
+    """Path of ../shared/data; skips the test when it is absent."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"real data not found at {SHARED_DATA} (set IJEPA_SHARED_DATA to run this test)")
+    return SHARED_DATA
