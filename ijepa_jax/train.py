@@ -167,25 +167,25 @@ def _print_summary(exp: Experiment) -> None:
     )
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host: SLURM, TPU pod slices)."
-)
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
+FLAGS = flags.FLAGS
 
 
 def main(argv) -> None:
     del argv
-    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+    sharding.maybe_initialize_distributed(FLAGS.distributed)
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if _TRACEBACK.value:
+        if FLAGS.traceback:
             raise
         sys.exit(f"error: {e}\n(run with --traceback for the full stack trace)")
 
 
 if __name__ == "__main__":
+    # Flags live here, not at import time, so tools and tests can import this module.
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (SLURM, TPU pod slices).")
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

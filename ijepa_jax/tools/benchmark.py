@@ -19,9 +19,7 @@ from ml_collections import config_flags
 
 from ijepa_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
-_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 20, "Batches to time the host pipeline on (0: skip).")
+FLAGS = flags.FLAGS
 
 
 def benchmark(config, steps: int, pipeline_batches: int) -> dict:
@@ -74,9 +72,12 @@ def benchmark(config, steps: int, pipeline_batches: int) -> dict:
 
 def main(argv) -> None:
     del argv
-    print(json.dumps(benchmark(_CONFIG.value, _STEPS.value, _PIPELINE_BATCHES.value)), flush=True)
+    print(json.dumps(benchmark(FLAGS.config, FLAGS.steps, FLAGS.pipeline_batches)), flush=True)
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
+    flags.DEFINE_integer("pipeline_batches", 20, "Batches to time the host pipeline on (0: skip).")
     flags.mark_flags_as_required(["config"])
     app.run(main)

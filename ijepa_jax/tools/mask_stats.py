@@ -18,9 +18,7 @@ from ml_collections import config_flags
 
 from ijepa_jax import masks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-_BATCHES = flags.DEFINE_integer("batches", 100, "Batches to sample per mode.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per batch (the reference cuts per per-GPU batch).")
+FLAGS = flags.FLAGS
 
 
 def mask_statistics(spec: masks.MaskSpec, batch_size: int, num_batches: int, seed: int = 0) -> dict:
@@ -48,12 +46,12 @@ def mask_statistics(spec: masks.MaskSpec, batch_size: int, num_batches: int, see
 
 def main(argv) -> None:
     del argv
-    config = _CONFIG.value
+    config = FLAGS.config
     header = (
         f"{'mode':<10} {'grid':<6} {'ctx/img':>8} {'ref cut':>8} {'K':>4} {'kept':>7} "
         f"{'tgt/blk':>8} {'T':>4}"
     )
-    print(f"{_BATCHES.value} batches of {_BATCH_SIZE.value}; context_tokens={config.mask.context_tokens}")
+    print(f"{FLAGS.batches} batches of {FLAGS.batch_size}; context_tokens={config.mask.context_tokens}")
     print(header)
     for mode in masks.MODES:
         spec = dataclasses.replace(masks.MaskSpec.from_config(config), mode=mode)
@@ -61,7 +59,7 @@ def main(argv) -> None:
         if spec.context_tokens < 0:
             k = masks.auto_context_tokens(spec, batch_size=config.mask.auto_context_batch)
             spec = dataclasses.replace(spec, context_tokens=k)
-        s = mask_statistics(spec, _BATCH_SIZE.value, _BATCHES.value)
+        s = mask_statistics(spec, FLAGS.batch_size, FLAGS.batches)
         print(
             f"{s['mode']:<10} {s['grid']:<6} {s['context_full']:>8.1f} {s['context_reference_cut']:>8.1f} "
             f"{s['context_tokens_K']:>4d} {s['context_kept']:>7.1f} {s['target_per_block']:>8.1f} "
@@ -70,5 +68,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_integer("batches", 100, "Batches to sample per mode.")
+    flags.DEFINE_integer("batch_size", 128, "Images per batch (the reference cuts per per-GPU batch).")
     flags.mark_flags_as_required(["config"])
     app.run(main)

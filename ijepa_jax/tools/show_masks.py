@@ -18,10 +18,7 @@ from PIL import Image, ImageDraw
 from ijepa_jax import masks
 from ijepa_jax.data import pipeline, sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-_OUT = flags.DEFINE_string("out", "masks.png", "Output PNG.")
-_NUM = flags.DEFINE_integer("num_images", 8, "Images to show (rows).")
-_SCALE = flags.DEFINE_integer("panel_size", 160, "Pixel size of each panel.")
+FLAGS = flags.FLAGS
 
 TARGET_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
@@ -60,20 +57,24 @@ def render(batch: dict, grid: int, num_images: int, panel: int) -> Image.Image:
 
 def main(argv) -> None:
     del argv
-    config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
-    config.data.batch_size = max(_NUM.value, 1)  # one batch: target sizes are drawn per batch
+    config = ml_collections.ConfigDict(FLAGS.config.to_dict())
+    config.data.batch_size = max(FLAGS.num_images, 1)  # one batch: target sizes are drawn per batch
     spec = masks.resolve_spec(config)
     source = sources.make_source(config.data)
     ds = pipeline.pretrain_dataset(source, config.data, spec, seed=config.seed)
     batch = next(iter(ds))
-    image = render(batch, spec.grid_h, _NUM.value, _SCALE.value)
-    image.save(_OUT.value)
+    image = render(batch, spec.grid_h, FLAGS.num_images, FLAGS.panel_size)
+    image.save(FLAGS.out)
     print(
-        f"wrote {_OUT.value}: {_NUM.value} images, mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, "
+        f"wrote {FLAGS.out}: {FLAGS.num_images} images, mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, "
         f"{spec.context_tokens} context tokens, {spec.num_targets} targets of <= {spec.target_tokens}"
     )
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_string("out", "masks.png", "Output PNG.")
+    flags.DEFINE_integer("num_images", 8, "Images to show (rows).")
+    flags.DEFINE_integer("panel_size", 160, "Pixel size of each panel.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
