@@ -68,7 +68,9 @@ def pretrain_dataset(
     ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.random_map(SampleMasks(spec, process_index))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=2 * local_batch))
+    # Elements are whole batches here: buffer a few per read thread, not per image.
+    threads = data_config.num_threads
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
     if data_config.num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
     return it
