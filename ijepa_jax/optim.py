@@ -46,8 +46,9 @@ def make_schedules(optim_config, steps_per_epoch: int) -> Schedules:
         return jnp.minimum(o.final_weight_decay, v)
 
     def momentum(step):
+        # The reference divides by the un-truncated ipe * epochs * ipe_scale here.
         s = jnp.asarray(step, jnp.float32)
-        return o.ema[0] + s * (o.ema[1] - o.ema[0]) / total
+        return o.ema[0] + s * (o.ema[1] - o.ema[0]) / (o.ipe_scale * o.epochs * steps_per_epoch)
 
     return Schedules(lr=lr, weight_decay=weight_decay, momentum=momentum)
 

@@ -45,9 +45,11 @@ class Cifar100Source:
             else:
                 with open(os.path.join(path, self.split), "rb") as f:
                     entry = pickle.load(f, encoding="bytes")
+            if not isinstance(entry, dict):
+                raise TypeError(f"expected a dict, found {type(entry).__name__}")
             data = np.asarray(entry[b"data"], np.uint8)
             labels = np.asarray(entry[b"fine_labels"], np.int32)
-        except (OSError, EOFError, KeyError, pickle.UnpicklingError, tarfile.TarError, ValueError) as e:
+        except Exception as e:  # a damaged pickle can raise almost anything; all of it means "corrupt"
             raise ValueError(
                 f"Could not read the CIFAR-100 {self.split!r} split from {path} ({type(e).__name__}: {e}). "
                 "The file looks corrupt or incomplete: download the official cifar-100-python.tar.gz again."

@@ -37,6 +37,6 @@ def random_resized_crop_box(
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int, scale) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (size, size, 3), bilinear (PIL, as torchvision on PIL images)."""
     top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale)
-    pil = Image.fromarray(image)
-    out = pil.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    return np.asarray(out, np.uint8)
+    # Crop first, then resize: resize(box=...) would let the filter read pixels outside the box.
+    crop = Image.fromarray(image[top : top + h, left : left + w])
+    return np.asarray(crop.resize((size, size), Image.BILINEAR), np.uint8)

@@ -1,0 +1,153 @@
+"""configs/*.py and config_lib.validate: reference hyper-parameters, and errors that name the key and the fix."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+from conftest import small_config
+
+from ijepa_jax import config_lib
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+
+
+def load_config_module(filename):
+    """Import configs/<filename> by path (what ml_collections.config_flags does, without flags)."""
+    path = os.path.join(CONFIG_DIR, filename)
+    spec = importlib.util.spec_from_file_location(f"_config_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(filename, *args):
+    return load_config_module(filename).get_config(*args)
+
+
+def test_config_folder_contents():
+    """The expected config files exist (a renamed file would silently drop out of the tests below)."""
+    assert set(CONFIG_FILES) >= {
+        "cifar100.py", "in1k_vith14.py", "in1k_vith16_448.py", "in22k_vith14.py", "in22k_vitg16.py",
+    }
+
+
+@pytest.mark.parametrize("filename", [f for f in CONFIG_FILES if f != "cifar100.py"])
+def test_reference_configs_validate_with_synthetic_source(filename):
+    """Every reference config loads and validates on 8 devices once data.source is a source that exists."""
+    c = get_config(filename)
+    c.data.source = "synthetic"
+    config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("filename", [f for f in CONFIG_FILES if f != "cifar100.py"])
+def test_reference_configs_folder_source_not_available_yet(filename):
+    """As shipped (data.source='folder') they fail validation with a message that the source is not available."""
+    c = get_config(filename)
+    assert c.data.source == "folder"
+    with pytest.raises(ValueError, match=r"data\.source='folder' is not available"):
+        config_lib.validate(c, num_devices=8)
+
+
+def assert_reference_recipe(c):
+    """The official recipe shared by all four reference configs."""
+    assert c.data.batch_size == 2048
+    assert (c.model.pred_depth, c.model.pred_width) == (12, 384)
+    o = c.optim
+    assert (o.lr, o.start_lr, o.warmup_epochs, o.final_lr) == (1e-3, 2e-4, 40, 1e-6)
+    assert (o.weight_decay, o.final_weight_decay) == (0.04, 0.4)
+    assert tuple(o.ema) == (0.996, 1.0)
+    assert (o.b1, o.b2, o.eps) == (0.9, 0.999, 1e-8)
+    assert o.ipe_scale == 1.0
+    assert o.loss == "smooth_l1"
+    assert tuple(c.data.crop_scale) == (0.3, 1.0)
+    m = c.mask
+    assert m.mode == "reference"
+    assert (m.num_targets, tuple(m.target_scale), tuple(m.target_aspect)) == (4, (0.15, 0.2), (0.75, 1.5))
+    assert (tuple(m.context_scale), tuple(m.context_aspect), m.min_keep, m.allow_overlap) == ((0.85, 1.0), (1.0, 1.0), 10, False)
+
+
+@pytest.mark.parametrize(
+    "filename,model,patch,crop,epochs",
+    [
+        ("in1k_vith14.py", "vit_huge", 14, 224, 300),
+        ("in1k_vith16_448.py", "vit_huge", 16, 448, 300),
+        ("in22k_vith14.py", "vit_huge", 14, 224, 66),
+        ("in22k_vitg16.py", "vit_giant", 16, 224, 44),
+    ],
+)
+def test_reference_hyperparameters(filename, model, patch, crop, epochs):
+    """Each config reproduces the reference yaml: model, patch, crop, epochs plus the shared recipe."""
+    c = get_config(filename)
+    assert (c.model.name, c.model.patch_size, c.data.crop_size, c.optim.epochs) == (model, patch, crop, epochs)
+    assert_reference_recipe(c)
+
+
+@pytest.mark.parametrize("arg,pred", [("vit_tiny", (6, 96)), ("vit_small", (6, 192))])
+def test_cifar100_configs_validate_as_shipped(arg, pred):
+    """cifar100.py:vit_tiny / :vit_small validate unchanged (8x8 grid, corrected masks, min_keep 4)."""
+    c = get_config("cifar100.py", arg)
+    config_lib.validate(c, num_devices=8)
+    assert (c.model.name, c.model.patch_size, c.data.crop_size) == (arg, 4, 32)
+    assert (c.model.pred_depth, c.model.pred_width) == pred
+    assert c.data.source == "cifar100" and c.mask.mode == "corrected" and c.mask.min_keep == 4
+
+
+def test_cifar100_default_arg_is_vit_tiny():
+    """get_config() with no argument gives the vit_tiny config."""
+    assert get_config("cifar100.py").to_dict() == get_config("cifar100.py", "vit_tiny").to_dict()
+
+
+def test_cifar100_unknown_arg_raises():
+    """An unknown model argument fails with the valid choices in the message."""
+    with pytest.raises(ValueError, match="vit_small"):
+        get_config("cifar100.py", "vit_base")
+
+
+def test_cifar100_with_reference_masks_would_hang_and_is_rejected():
+    """Reference masking defaults (min_keep 10) on CIFAR's 8x8 grid are rejected up front."""
+    c = get_config("cifar100.py")
+    c.mask.min_keep = 10
+    with pytest.raises(ValueError, match="min_keep"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_small_config_validates():
+    """The tests' own small config is valid."""
+    config_lib.validate(small_config(), num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "overrides,num_devices,fragments",
+    [
+        ({"data.crop_size": 30}, 8, ["data.crop_size=30", "model.patch_size=4", "crop of 28"]),
+        ({"data.batch_size": 12}, 8, ["data.batch_size=12", "8 devices", "multiple of 8"]),
+        ({"optim.loss": "l1"}, 8, ["optim.loss='l1'", "smooth_l1"]),
+        ({"model.name": "vit_mega"}, 8, ["model.name='vit_mega'", "vit_tiny"]),
+        ({"model.pred_width": 34}, 8, ["model.pred_width=34", "divisible by 4"]),  # sin-cos needs width % 4 == 0
+        ({"model.name": "vit_tiny", "model.pred_width": 32}, 8, ["model.pred_width=32", "3 heads"]),
+        ({"optim.warmup_epochs": 3}, 8, ["optim.warmup_epochs=3", "epochs"]),
+        ({"data.source": "imagenet"}, 8, ["data.source='imagenet'", "synthetic"]),
+        ({"model.dtype": "float64"}, 8, ["model.dtype='float64'", "bfloat16"]),
+        ({"data.crop_scale": (0.5, 1.5)}, 8, ["data.crop_scale"]),
+        ({"optim.ema": (1.0, 0.99)}, 8, ["optim.ema"]),
+        ({"mask.min_keep": 4}, 8, ["mask.min_keep=4"]),  # small_config's target blocks have 4 patches
+    ],
+)
+def test_validation_errors_name_key_and_fix(overrides, num_devices, fragments):
+    """A bad value raises ValueError whose message names the key (and, where there is one, the fix)."""
+    c = small_config(**overrides)
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(c, num_devices=num_devices)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} missing from: {e.value}"
+
+
+def test_batch_must_divide_over_processes():
+    """The global batch must split evenly over processes, not only devices."""
+    c = small_config(**{"data.batch_size": 8})
+    config_lib.validate(c, num_devices=8, num_processes=2)
+    c = small_config(**{"data.batch_size": 24})
+    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
+        config_lib.validate(c, num_devices=8, num_processes=5)
