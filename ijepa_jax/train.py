@@ -62,7 +62,14 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
     source = sources.make_source(config.data)
     steps_per_epoch = pipeline.steps_per_epoch(len(source), config.data.batch_size)
+    schedule_steps = int(config.optim.ipe_scale * config.optim.epochs * steps_per_epoch)
     total_steps = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
+    if total_steps > schedule_steps:
+        raise ValueError(
+            f"total_steps={total_steps} runs past the schedules' {schedule_steps} steps "
+            f"(optim.epochs={config.optim.epochs} x {steps_per_epoch} steps/epoch x optim.ipe_scale); "
+            "the EMA momentum would pass optim.ema[1]. Raise optim.epochs or lower total_steps."
+        )
 
     schedules = optim.make_schedules(config.optim, steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedules)

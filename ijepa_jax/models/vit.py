@@ -185,8 +185,9 @@ class Encoder(nn.Module):
             name="patch_embed",
         )(images)
         b, gh, gw, d = x.shape
-        x = x.reshape(b, gh * gw, d)
-        x = x + jnp.asarray(sincos_2d(d, gh, gw), self.dtype)[None]
+        # A float32 position table promotes the residual stream to float32, as
+        # under the reference's bf16 autocast: only the matmuls run in `dtype`.
+        x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw))[None]
         if token_idx is not None:
             x = gather_tokens(x, token_idx)
         x = BlockStack(
@@ -199,7 +200,7 @@ class Encoder(nn.Module):
             self.remat,
             name="stack",
         )(x, token_valid)
-        return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
+        return nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, name="norm")(x)
 
 
 class Predictor(nn.Module):
@@ -229,12 +230,12 @@ class Predictor(nn.Module):
         b, k, enc_dim = context.shape
         _, m, t = target_idx.shape
         d = self.embed_dim
-        pos = jnp.asarray(sincos_2d(d, self.grid_h, self.grid_w), self.dtype)
+        pos = jnp.asarray(sincos_2d(d, self.grid_h, self.grid_w))  # float32: see Encoder
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_weight_init)
 
         x = dense(d, name="predictor_embed")(context) + pos[context_idx]
         mask_token = self.param("mask_token", _weight_init, (1, 1, d))
-        targets = mask_token.astype(self.dtype) + pos[target_idx.reshape(b * m, t)]
+        targets = mask_token + pos[target_idx.reshape(b * m, t)]
 
         # One sequence per (image, target block): [context, that block's mask tokens].
         x = jnp.repeat(x, m, axis=0)

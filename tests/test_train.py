@@ -1,0 +1,246 @@
+"""train.train end to end, compilation count, NaN handling, config errors, and the command line."""
+
+import collections
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from conftest import small_config
+from ijepa_jax import optim, train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# jax/_src/dispatch.py: BACKEND_COMPILE_EVENT, recorded once per XLA backend compilation.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+STEPS_PER_EPOCH = 8  # small_config: 64 synthetic images, global batch 8
+
+
+class CompileCounter:
+    """Records the function name of every XLA backend compilation while active."""
+
+    def __init__(self):
+        self.names = []
+
+    def _listener(self, event, duration_secs, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            self.names.append(kwargs.get("fun_name", "?"))
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    """One 3-step run of the small config, with the context length left to the automatic rule."""
+    workdir = str(tmp_path_factory.mktemp("run3"))
+    config = small_config(total_steps=3, **{"mask.context_tokens": -1})
+    with CompileCounter() as counter:
+        last = train.train(config, workdir)
+    return workdir, last, counter.names
+
+
+# ----------------------------------------------------------------------------
+# end to end
+
+
+def test_train_writes_resolved_config(run3):
+    """config.json holds the resolved config: mask.context_tokens filled in (> 0, not -1)."""
+    workdir, _, _ = run3
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    assert config["mask"]["context_tokens"] > 0
+    assert config["total_steps"] == 3
+    assert config["model"]["name"] == "vit_micro"
+
+
+def test_train_writes_one_metrics_record_per_step(run3):
+    """metrics.jsonl: one JSON object per logged step (log_every_steps=1: every step) with the
+    documented fields, finite losses, and the schedule values of the reference formulas."""
+    workdir, last, _ = run3
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    required = {"step", "epoch", "loss", "lr", "wd", "momentum", "context_tokens", "target_tokens"}
+    for i, r in enumerate(records):
+        assert required <= set(r), required - set(r)
+        if i > 0:  # the first record carries first_step_time_s (compilation included) instead
+            assert r["step_time_s"] > 0 and r["img_per_s"] > 0
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        k = r["step"]
+        assert r["epoch"] == pytest.approx(k / STEPS_PER_EPOCH)
+        # Warmup from start_lr 1e-4 to lr 1e-3 over 8 steps; step k (1-based) uses the value at k.
+        assert r["lr"] == pytest.approx(1e-4 + k / 8 * (1e-3 - 1e-4), rel=1e-5)
+        # EMA 0.996 -> 1.0 over 2 epochs x 8 steps; the k-th step uses the value at k - 1.
+        assert r["momentum"] == pytest.approx(0.996 + (k - 1) * 0.004 / 16, rel=1e-6)
+        assert r["target_tokens"] == 4  # scale (0.25, 0.3) of 16 patches, aspect 1: 2x2 blocks
+        with open(os.path.join(workdir, "config.json")) as f:
+            assert 0 < r["context_tokens"] <= json.load(f)["mask"]["context_tokens"]
+    assert "first_step_time_s" in records[0]
+    # train() returns the last step's metrics.
+    assert last["loss"] == pytest.approx(records[-1]["loss"])
+
+
+def test_train_writes_tensorboard_events(run3):
+    """A tensorboard/ folder with an event file."""
+    workdir, _, _ = run3
+    events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*"))
+    assert events and os.path.getsize(events[0]) > 0
+
+
+# ----------------------------------------------------------------------------
+# compilation
+
+
+def test_train_step_compiles_once_per_run(run3, tmp_path):
+    """The number of XLA compilations does not grow with the number of steps: a 6-step run compiles
+    no program more often than the fixture's 3-step run did (which may also have compiled helpers
+    that later runs find cached), and each run compiles the train step exactly once."""
+    _, _, names3 = run3
+    with CompileCounter() as counter:
+        train.train(small_config(total_steps=6), str(tmp_path))
+    names6 = counter.names
+    assert len(read_metrics(str(tmp_path))) == 6
+    assert sum("train_step" in name for name in names3) == 1, names3
+    assert sum("train_step" in name for name in names6) == 1, names6
+    assert not collections.Counter(names6) - collections.Counter(names3), (names3, names6)
+
+
+# ----------------------------------------------------------------------------
+# non-finite loss
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_raises_naming_the_step(bad):
+    """A non-finite loss stops the run with FloatingPointError naming the step."""
+    metrics = {"loss": np.float32(bad), "lr": np.float32(1e-3)}
+    with pytest.raises(FloatingPointError, match=r"at step 7\b"):
+        train._check_finite(7, metrics)
+
+
+def test_absurd_learning_rate_stops_the_run(tmp_path):
+    """lr = 1e30: step 1 (initial parameters) is finite; its update makes the weights ~1e30, so the
+    LayerNorm variances overflow float32 and step 2's loss is NaN: train() stops there with
+    FloatingPointError, the finite step already logged."""
+    config = small_config(total_steps=6, **{"optim.lr": 1e30, "optim.start_lr": 1e30})
+    with pytest.raises(FloatingPointError, match=r"at step 2\b"):
+        train.train(config, str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1]
+    assert math.isfinite(records[0]["loss"])
+
+
+def test_check_finite_passes_finite_metrics_as_python_numbers():
+    """Finite metrics come back as plain Python numbers (what the JSON writer needs)."""
+    values = train._check_finite(3, {"loss": np.float32(0.5), "context_tokens": np.float32(6)})
+    assert values == {"loss": 0.5, "context_tokens": 6.0}
+    assert all(type(v) is float for v in values.values())
+
+
+# ----------------------------------------------------------------------------
+# running past the schedule
+
+
+def test_total_steps_past_the_schedule_is_rejected_or_clamped():
+    """total_steps > epochs * steps_per_epoch (here 20 > 16) must either be rejected with a
+    ValueError naming total_steps, or keep the schedules sane up to the last step: EMA momentum
+    within ema[1] and no second rise of the learning rate after the cosine reached its end.
+    (Checked on what train.build sets up, without running the steps.)"""
+    config = small_config(total_steps=20)
+    try:
+        exp = train.build(config)
+    except ValueError as e:
+        assert "total_steps" in str(e)
+        return
+    assert exp.total_steps == 20
+    schedules = optim.make_schedules(exp.config.optim, exp.steps_per_epoch)
+    steps = np.arange(exp.total_steps)
+    momenta = np.asarray(jax.vmap(schedules.momentum)(steps))
+    lrs = np.asarray(jax.vmap(schedules.lr)(steps))
+    warmup = config.optim.warmup_epochs * exp.steps_per_epoch
+    assert momenta.max() <= config.optim.ema[1], momenta
+    assert (np.diff(lrs[warmup:]) <= 1e-12).all(), lrs
+
+
+# ----------------------------------------------------------------------------
+# config validation
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"data.crop_size": 18}, "data.crop_size"),  # not divisible by patch 4
+        ({"data.batch_size": 12}, "data.batch_size"),  # not divisible by the 8 devices
+        ({"mask.min_keep": 4}, "mask.min_keep"),  # the 2x2 target blocks have only 4 patches
+    ],
+)
+def test_train_rejects_bad_config_naming_the_key(tmp_path, overrides, key):
+    """train() validates first: a bad value raises ValueError naming the key, before writing anything."""
+    assert jax.device_count() == 8
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train.train(small_config(total_steps=2, **overrides), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+# ----------------------------------------------------------------------------
+# command line
+
+CLI = [sys.executable, "-m", "ijepa_jax.train", "--config", "configs/cifar100.py:vit_tiny"]
+SMALL_OVERRIDES = [
+    "--config.data.source=synthetic",
+    "--config.model.name=vit_micro",
+    "--config.model.pred_depth=1",
+    "--config.model.pred_width=32",
+    "--config.data.crop_size=16",
+    "--config.data.batch_size=8",
+    "--config.data.synthetic_images=64",
+    "--config.total_steps=3",
+    "--config.mask.min_keep=2",
+    "--config.mask.num_targets=2",
+    "--config.mask.target_scale=(0.25,0.3)",
+    "--config.mask.target_aspect=(1,1)",
+    "--config.mask.context_tokens=6",
+]
+
+
+def run_cli(args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: compiles faster
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(CLI + args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_runs(tmp_path):
+    """`python -m ijepa_jax.train --config ... --workdir ...` with flag overrides (tuples included)
+    exits 0 and writes metrics.jsonl up to the last step."""
+    proc = run_cli(["--workdir", str(tmp_path)] + SMALL_OVERRIDES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(str(tmp_path))
+    assert records[-1]["step"] == 3  # cifar100 logs every 10 steps; the last step is always logged
+    assert all(math.isfinite(r["loss"]) for r in records)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    assert config["mask"]["target_scale"] == [0.25, 0.3]
+    assert config["data"]["source"] == "synthetic"
+
+
+def test_cli_bad_value_exits_with_message_and_no_traceback(tmp_path):
+    """A bad config value exits non-zero with a one-line explanation naming the key, no traceback."""
+    proc = run_cli(["--workdir", str(tmp_path), "--config.data.crop_size=18"])
+    assert proc.returncode != 0
+    assert "crop_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
