@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 from PIL import Image
 
 RRC_ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default, used by the reference
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Encoded image (JPEG, PNG, ...) -> uint8 (H, W, 3) RGB; any colour mode is converted."""
+    if not data:
+        raise BadImageError(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # PIL's advice for palettes with transparency
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except Exception as e:  # PIL raises many types for damaged files
+        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def random_resized_crop_box(
