@@ -15,7 +15,7 @@ from ijepa_jax.models import vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSSES = ("smooth_l1", "l2")
-SOURCES = ("cifar100", "synthetic")
+SOURCES = ("cifar100", "folder", "tfds", "synthetic")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -36,9 +36,19 @@ def default_config() -> ml_collections.ConfigDict:
         attention_impl="",  # '' (XLA) or 'cudnn'
     )
     c.data = dict(
-        source="cifar100",
+        source="cifar100",  # 'cifar100', 'folder' (ROOT/<split>/<class>/<image>), 'tfds' or 'synthetic'
         root="",
         split="train",
+        download=True,  # cifar100: fetch the official archive into data.root when it is missing
+        tfds_name="",  # tfds: e.g. 'imagenet2012'
+        tfds_data_dir="",  # tfds: where prepared datasets live ('' = TFDS's default)
+        max_samples_per_class=0,  # > 0: a class-balanced subset, chosen from the seed
+        classes="",  # comma-separated class names, or a file with one per line ('' = all)
+        on_bad_image="skip",  # 'skip' undecodable images (logged and counted) or 'fail'
+        use_horizontal_flip=False,  # the reference's optional augmentations (all off in its configs)
+        use_color_distortion=False,
+        color_jitter_strength=0.0,
+        use_gaussian_blur=False,
         crop_size=224,
         crop_scale=(0.3, 1.0),
         batch_size=2048,  # global, over all devices and hosts
@@ -121,10 +131,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if m.attention_impl not in ("", "xla", "cudnn"):
         raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
     if d.source not in SOURCES:
-        raise ValueError(
-            f"data.source={d.source!r} is not available; choose one of {SOURCES} "
-            "(ImageNet folders and TFDS are tracked by the data-pipelines issue)."
-        )
+        raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}.")
+    if d.source == "tfds" and not d.tfds_name:
+        raise ValueError("data.source='tfds' needs --config.data.tfds_name (e.g. imagenet2012).")
+    if d.source in ("folder",) and not d.root:
+        raise ValueError("data.source='folder' needs --config.data.root (the folder holding train/ and val/).")
+    if d.max_samples_per_class < 0:
+        raise ValueError(f"data.max_samples_per_class={d.max_samples_per_class} must be >= 0 (0 keeps all).")
+    if d.on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"data.on_bad_image={d.on_bad_image!r}; use 'skip' or 'fail'.")
+    if d.color_jitter_strength < 0:
+        raise ValueError(f"data.color_jitter_strength={d.color_jitter_strength} must be >= 0.")
     if d.batch_size < 1 or d.batch_size % num_devices:
         raise ValueError(
             f"data.batch_size={d.batch_size} (global) is not divisible by the {num_devices} devices; "

@@ -4,6 +4,7 @@ Batch layout (see ijepa_jax/masks.py for the static-shape policy):
   images        uint8 (B, H, W, 3), normalised inside the step
   context_idx   int32 (B, K)     context_valid bool (B, K)
   target_idx    int32 (B, M, T)  target_valid  bool (B, M, T)
+  skipped       int32 (B,), optional: unreadable images replaced by the pipeline
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules:
         "context_tokens": batch["context_valid"].sum(-1).mean(dtype=jnp.float32),
         "target_tokens": batch["target_valid"].sum(-1).mean(dtype=jnp.float32),
     }
+    if "skipped" in batch:  # unreadable images the input pipeline replaced
+        metrics["skipped_images"] = batch["skipped"].sum()
     new_state = state.replace(
         step=state.step + 1, params=params, target_params=target_params, opt_state=opt_state
     )

@@ -60,7 +60,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     config = ml_collections.ConfigDict(config.to_dict())
     config.mask.context_tokens = spec.context_tokens
 
-    source = sources.make_source(config.data)
+    source = sources.make_source(config.data, seed=config.seed)
     steps_per_epoch = pipeline.steps_per_epoch(len(source), config.data.batch_size)
     schedule_steps = int(config.optim.ipe_scale * config.optim.epochs * steps_per_epoch)
     total_steps = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
@@ -119,9 +119,13 @@ def _loop(exp: Experiment, batches, writer: MetricsWriter) -> dict:
     window = {"step": start, "time": t_start}  # throughput is measured between logged steps
     last = {}
 
+    skipped_total = 0
+
     def on_step_done(done: int, metrics) -> None:
-        nonlocal last
+        nonlocal last, skipped_total
         last = _check_finite(done, metrics)
+        skipped_total += int(last.pop("skipped_images", 0))
+        last["bad_images_skipped"] = skipped_total
         now = time.time()
         last["epoch"] = done / steps_per_epoch
         if done == start + 1:
@@ -168,7 +172,7 @@ def _print_summary(exp: Experiment) -> None:
         f"predictor {vit.count_params(state.params['predictor']) / 1e6:.2f}M params, dtype {config.model.dtype}\n"
         f"masks: mode {spec.mode}, grid {spec.grid_h}x{spec.grid_w}, {spec.context_tokens} context tokens/image, "
         f"{spec.num_targets} target blocks of <= {spec.target_tokens} tokens\n"
-        f"data: {config.data.source}, {len(exp.source)} images, global batch {config.data.batch_size}, "
+        f"data: {config.data.source}, {sources.describe(exp.source)}, global batch {config.data.batch_size}, "
         f"{exp.steps_per_epoch} steps/epoch, running {exp.total_steps} steps",
         flush=True,
     )

@@ -41,3 +41,17 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real data not found at {SHARED_DATA} (set IJEPA_SHARED_DATA to run this test)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory):
+    """The shared Tiny-ImageNet subset extracted to a temporary folder; skips when absent."""
+    import tarfile
+
+    archive = os.path.join(SHARED_DATA, "tiny-imagenet-100cls.tar.gz")
+    if not os.path.isfile(archive):
+        pytest.skip(f"{archive} not found (set IJEPA_SHARED_DATA to run this test)")
+    out = tmp_path_factory.mktemp("tiny_imagenet")
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return str(out / "tiny-imagenet-100cls")

@@ -20,13 +20,14 @@ from ijepa_jax.data import transforms
 
 
 class RandomCrop(grain.transforms.RandomMap):
-    """Record -> {'images': uint8 crop}; the label is not needed for pretraining."""
+    """Record -> {'images': uint8 crop, 'skipped': int}; the label is not needed for pretraining."""
 
     def __init__(self, size: int, scale):
         self.size, self.scale = size, tuple(scale)
 
     def random_map(self, element, rng: np.random.Generator):
-        return {"images": transforms.random_resized_crop(element["image"], rng, self.size, self.scale)}
+        image = transforms.random_resized_crop(element["image"], rng, self.size, self.scale)
+        return {"images": image, "skipped": np.int32(element.get("skipped", 0))}
 
 
 class SampleMasks(grain.transforms.RandomMap):

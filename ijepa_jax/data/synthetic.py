@@ -19,6 +19,14 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def labels(self) -> np.ndarray:
+        return (np.arange(self.num_images) % self.num_classes).astype(np.int32)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [f"class{i}" for i in range(self.num_classes)]
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_images:
             raise IndexError(index)

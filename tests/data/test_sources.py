@@ -1,267 +1,109 @@
-"""Image sources (ijepa_jax/data/sources.py): CIFAR-100 python archive reader and the synthetic source.
-
-Unit tests build a tiny archive in the official layout (see shared/data/README.md):
-tar.gz members cifar-100-python/{train,test,meta}; pickle protocol 2 with bytes keys;
-b'data' uint8 (N, 3072) = 1024 red, 1024 green, 1024 blue values, row-major 32x32.
-"""
-
-import io
-import os
-import pickle
-import tarfile
+"""make_source: the configured source, class-balanced subsets, and bad images skipped or failed."""
 
 import numpy as np
 import pytest
+
 from conftest import small_config
-
 from ijepa_jax.data import sources
+from ijepa_jax.data.transforms import BadImageError
 
 
-def known_images(n, offset=0):
-    """n distinct uint8 (32, 32, 3) images: pixel (y, x, c) = (offset + 7i + 3y + 5x + 101c) % 256."""
-    i, y, x, c = np.meshgrid(np.arange(n), np.arange(32), np.arange(32), np.arange(3), indexing="ij")
-    return ((offset + 7 * i + 3 * y + 5 * x + 101 * c) % 256).astype(np.uint8)
+class LabelledSource:
+    """Records whose image is their index; `bad` indices raise BadImageError."""
+
+    def __init__(self, labels, bad=()):
+        self.labels = np.asarray(labels, np.int32)
+        self.class_names = [f"c{i}" for i in range(self.labels.max() + 1)]
+        self.bad = set(bad)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise BadImageError(f"file{i}.jpg: broken")
+        return {"image": np.full((2, 2, 3), i, np.uint8), "label": int(self.labels[i])}
 
 
-def to_rows(images):
-    """HWC images -> official rows (R plane, then G, then B), written out explicitly."""
-    rows = np.empty((len(images), 3072), np.uint8)
-    for k, img in enumerate(images):
-        rows[k, :1024] = img[:, :, 0].reshape(-1)
-        rows[k, 1024:2048] = img[:, :, 1].reshape(-1)
-        rows[k, 2048:] = img[:, :, 2].reshape(-1)
-    return rows
+def test_select_indices_is_balanced_deterministic_and_seeded():
+    """At most n per class, every class present, same seed same choice, other seed other choice."""
+    labels = np.repeat(np.arange(5), [10, 3, 10, 10, 7])
+    a = sources.select_indices(labels, max_per_class=4, seed=0)
+    counts = np.bincount(labels[a], minlength=5)
+    assert list(counts) == [4, 3, 4, 4, 4]
+    assert np.array_equal(a, sources.select_indices(labels, 4, seed=0))
+    assert not np.array_equal(a, sources.select_indices(labels, 4, seed=1))
+    assert np.all(np.diff(a) > 0)
 
 
-def split_entry(images, fine, coarse):
-    return {
-        b"batch_label": b"training batch 1 of 1",
-        b"data": to_rows(images),
-        b"fine_labels": list(fine),
-        b"coarse_labels": list(coarse),
-    }
+def test_select_indices_per_class_choice_does_not_depend_on_other_classes():
+    """Picking classes {0, 2} gives the same records of class 2 as picking all classes."""
+    labels = np.repeat(np.arange(3), 20)
+    all_classes = sources.select_indices(labels, 5, seed=3)
+    two = sources.select_indices(labels, 5, class_ids=[0, 2], seed=3)
+    assert set(two) == {i for i in all_classes if labels[i] in (0, 2)}
 
 
-TRAIN_N, TEST_N = 12, 5
-TRAIN_FINE = [(7 * i) % 100 for i in range(TRAIN_N)]
-TEST_FINE = [99 - i for i in range(TEST_N)]
+def test_subset_relabels_kept_classes_contiguously():
+    """A subset of classes [3, 1] has labels 0..1 in that order and matching class names."""
+    src = LabelledSource(np.repeat(np.arange(4), 2))
+    sub = sources.Subset(src, sources.select_indices(src.labels, 0, [3, 1]), np.array([3, 1]))
+    assert sub.class_names == ["c3", "c1"] and len(sub) == 4
+    assert sorted(sub.labels.tolist()) == [0, 0, 1, 1]
+    assert [sub[i]["label"] for i in range(4)] == sub.labels.tolist()
+    assert {int(sub[i]["image"][0, 0, 0]) for i in range(4)} == {2, 3, 6, 7}
 
 
-def members():
-    meta = {b"fine_label_names": [b"class%d" % i for i in range(100)], b"coarse_label_names": [b"super%d" % i for i in range(20)]}
-    return {
-        "train": pickle.dumps(split_entry(known_images(TRAIN_N), TRAIN_FINE, [f // 5 for f in TRAIN_FINE]), protocol=2),
-        "test": pickle.dumps(split_entry(known_images(TEST_N, offset=50), TEST_FINE, [0] * TEST_N), protocol=2),
-        "meta": pickle.dumps(meta, protocol=2),
-    }
+def test_skip_bad_images_replaces_by_the_next_readable_record_and_counts():
+    """A bad record is replaced deterministically by the next one; `skipped` says how many were passed."""
+    src = sources.SkipBadImages(LabelledSource(np.zeros(6), bad={2, 3}))
+    rec = src[2]
+    assert rec["skipped"] == 2 and int(rec["image"][0, 0, 0]) == 4
+    assert src[0]["skipped"] == 0
+    wrapped = sources.SkipBadImages(LabelledSource(np.zeros(3), bad={2}))
+    assert int(wrapped[2]["image"][0, 0, 0]) == 0  # wraps around the end
 
 
-def write_archive(path):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members().items():
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
+def test_skip_bad_images_fail_mode_raises_with_the_file_and_the_switch():
+    src = sources.SkipBadImages(LabelledSource(np.zeros(4), bad={1}), fail=True)
+    with pytest.raises(BadImageError, match=r"file1\.jpg.*on_bad_image"):
+        src[1]
 
 
-def write_folder(parent):
-    folder = os.path.join(parent, "cifar-100-python")
-    os.makedirs(folder)
-    for name, data in members().items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(data)
-    return folder
+def test_a_dataset_of_only_bad_images_stops_instead_of_looping():
+    src = sources.SkipBadImages(LabelledSource(np.zeros(200), bad=set(range(200))))
+    with pytest.raises(BadImageError, match="consecutive unreadable"):
+        src[0]
 
 
-@pytest.fixture
-def archive(tmp_path):
-    """Path of a generated cifar-100-python.tar.gz (12 train / 5 test images)."""
-    return write_archive(tmp_path / "cifar-100-python.tar.gz")
+def test_make_source_applies_classes_and_max_samples_per_class():
+    """data.classes and data.max_samples_per_class restrict the synthetic source (10 classes x 6)."""
+    d = small_config(**{"data.synthetic_images": 60}).data
+    assert len(sources.make_source(d)) == 60
+    d.max_samples_per_class = 2
+    assert len(sources.make_source(d)) == 20
+    d.classes = "class3,class7"
+    src = sources.make_source(d)
+    assert len(src) == 4 and src.class_names == ["class3", "class7"]
+    assert "4 images of 2 classes (2-2 per class)" == sources.describe(src)
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """Path of a generated, extracted cifar-100-python/ folder."""
-    return write_folder(str(tmp_path))
+def test_make_source_reads_the_class_list_from_a_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("class1\nclass2\n\n")
+    d = small_config(**{"data.classes": str(path)}).data
+    assert sources.make_source(d).class_names == ["class1", "class2"]
 
 
-# --------------------------------------------------------------------------- CIFAR-100
+def test_unknown_class_names_are_an_error_listing_them():
+    d = small_config(**{"data.classes": "class1,nonsense"}).data
+    with pytest.raises(ValueError, match="nonsense"):
+        sources.make_source(d)
 
 
-@pytest.mark.parametrize("layout", ["archive_path", "folder_with_archive", "extracted_folder", "folder_with_extracted"])
-def test_cifar100_reads_every_supported_root(tmp_path, layout):
-    """data.root may be the .tar.gz, the folder holding it, the extracted folder, or the folder holding that."""
-    if layout == "archive_path":
-        root = write_archive(tmp_path / "cifar-100-python.tar.gz")
-    elif layout == "folder_with_archive":
-        write_archive(tmp_path / "cifar-100-python.tar.gz")
-        root = str(tmp_path)
-    elif layout == "extracted_folder":
-        root = write_folder(str(tmp_path))
-    else:
-        write_folder(str(tmp_path))
-        root = str(tmp_path)
-    train = sources.Cifar100Source(root, "train")
-    test = sources.Cifar100Source(root, "test")
-    assert (len(train), len(test)) == (TRAIN_N, TEST_N)
-    np.testing.assert_array_equal(np.stack([train[i]["image"] for i in range(TRAIN_N)]), known_images(TRAIN_N))
-    np.testing.assert_array_equal(np.stack([test[i]["image"] for i in range(TEST_N)]), known_images(TEST_N, 50))
+def test_make_source_builds_a_folder_source(tmp_path):
+    from test_image_folder import make_folder
 
-
-def test_cifar100_archive_with_other_name(tmp_path):
-    """A root that names a .tar.gz is read as the archive whatever the file is called."""
-    root = write_archive(tmp_path / "c100-copy.tar.gz")
-    assert len(sources.Cifar100Source(root)) == TRAIN_N
-
-
-def test_cifar100_pixels_are_red_green_blue_planes(archive):
-    """Row layout: first 1024 values are the red plane (row-major), then green, then blue -> HWC."""
-    src = sources.Cifar100Source(archive)
-    img = src[3]["image"]
-    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
-    y, x = 4, 9  # a pixel away from the diagonal catches a transposed H/W
-    assert tuple(img[y, x]) == tuple((7 * 3 + 3 * y + 5 * x + 101 * c) % 256 for c in range(3))
-    rows = to_rows(known_images(TRAIN_N))
-    assert img[0, 1, 0] == rows[3, 1] and img[1, 0, 0] == rows[3, 32]
-    assert img[0, 0, 1] == rows[3, 1024] and img[0, 0, 2] == rows[3, 2048]
-
-
-def test_cifar100_labels_are_fine_labels(archive):
-    """'label' is the fine (100-class) label as a Python int; num_classes is 100."""
-    train = sources.Cifar100Source(archive, "train")
-    test = sources.Cifar100Source(archive, "test")
-    assert [train[i]["label"] for i in range(TRAIN_N)] == TRAIN_FINE
-    assert [test[i]["label"] for i in range(TEST_N)] == TEST_FINE
-    assert all(type(train[i]["label"]) is int for i in range(TRAIN_N))
-    assert train.num_classes == 100
-
-
-def test_cifar100_missing_root_names_the_path(tmp_path):
-    """A root without the archive or folder raises FileNotFoundError that names the root."""
-    missing = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        sources.Cifar100Source(missing)
-    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        sources.Cifar100Source(str(tmp_path))  # exists but holds nothing
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_cifar100_corrupt_archive_raises_value_error(archive, damage):
-    """A truncated, non-gzip or empty archive fails at construction with a ValueError that says corrupt."""
-    raw = open(archive, "rb").read()
-    damaged = {"truncated": raw[: len(raw) // 2], "garbage": b"not a tarball" * 100, "empty": b""}[damage]
-    with open(archive, "wb") as f:
-        f.write(damaged)
-    with pytest.raises(ValueError, match="corrupt"):
-        sources.Cifar100Source(archive)
-
-
-def test_cifar100_truncated_extracted_file_raises_value_error(folder):
-    """An incomplete extracted 'train' pickle is reported as corrupt, not as an EOFError."""
-    path = os.path.join(folder, "train")
-    raw = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(raw[: len(raw) // 3])
-    with pytest.raises(ValueError, match="corrupt"):
-        sources.Cifar100Source(folder)
-
-
-def test_cifar100_damaged_pickle_header_raises_value_error(folder):
-    """Damaged bytes inside the pickle (here the module name of the pixel array's class) are reported as a
-    corrupt file (ValueError), like any other unreadable archive, not as an import/attribute error."""
-    path = os.path.join(folder, "train")
-    raw = open(path, "rb").read()
-    assert b"numpy" in raw, "the generated pickle stores b'data' as a numpy array, as the official one does"
-    with open(path, "wb") as f:
-        f.write(raw.replace(b"numpy", b"nump\x00", 1))
-    with pytest.raises(ValueError, match="corrupt"):
-        sources.Cifar100Source(folder)
-
-
-def test_cifar100_wrong_layout_raises_value_error(folder):
-    """A pickle that is not a CIFAR split dict (wrong shape) raises ValueError naming the layout problem."""
-    with open(os.path.join(folder, "train"), "wb") as f:
-        pickle.dump({b"data": np.zeros((3, 100), np.uint8), b"fine_labels": [0, 1, 2]}, f, protocol=2)
-    with pytest.raises(ValueError, match="layout"):
-        sources.Cifar100Source(folder)
-
-
-def test_cifar100_unknown_split_raises(archive):
-    """Only 'train' and 'test' exist; 'val' raises ValueError that names data.split."""
-    with pytest.raises(ValueError, match="data.split"):
-        sources.Cifar100Source(archive, "val")
-
-
-def test_cifar100_pickles_without_pixels_and_reloads(archive):
-    """Pickling the source (as grain does for worker processes) drops the pixel array; an element read
-    after unpickling re-reads the file and is identical."""
-    src = sources.Cifar100Source(archive)
-    before = src[5]
-    blob = pickle.dumps(src)
-    assert len(blob) < TRAIN_N * 3072 / 2, "pixels were pickled"
-    clone = pickle.loads(blob)
-    assert clone._images is None
-    assert len(clone) == TRAIN_N
-    after = clone[5]
-    np.testing.assert_array_equal(after["image"], before["image"])
-    assert after["label"] == before["label"]
-    assert src._images is not None, "pickling must not drop the original's pixels"
-
-
-def test_make_source_builds_cifar_and_synthetic(archive):
-    """make_source picks the source class from data.source (data.root / data.split for CIFAR)."""
-    data = small_config().data
-    syn = sources.make_source(data)
-    assert isinstance(syn, sources.SyntheticSource)
-    assert len(syn) == data.synthetic_images and syn[0]["image"].shape == (16, 16, 3)
-    data.update(source="cifar100", root=archive, split="train")
-    assert len(sources.make_source(data)) == TRAIN_N
-    assert len(sources.make_source(data, split="test")) == TEST_N
-    data.source = "nope"
-    with pytest.raises(ValueError, match="nope"):
-        sources.make_source(data)
-
-
-def test_cifar100_real_archive(shared_data):
-    """The shared archive (read in place): 50,000 train / 10,000 test uint8 32x32x3 images over 100
-    classes, 500 / 100 per class. Skipped when shared/data is absent."""
-    archive = os.path.join(shared_data, "cifar-100-python.tar.gz")
-    if not os.path.isfile(archive):
-        pytest.skip(f"{archive} not found")
-    train = sources.Cifar100Source(shared_data, "train")
-    test = sources.Cifar100Source(archive, "test")
-    assert (len(train), len(test)) == (50_000, 10_000)
-    for src, per_class in ((train, 500), (test, 100)):
-        labels = np.array([src[i]["label"] for i in range(len(src))])
-        np.testing.assert_array_equal(np.bincount(labels, minlength=100), per_class)
-        for i in (0, len(src) - 1):
-            img = src[i]["image"]
-            assert img.shape == (32, 32, 3) and img.dtype == np.uint8
-        assert img.std() > 0, "a real photo is not constant"
-
-
-# --------------------------------------------------------------------------- synthetic
-
-
-def test_synthetic_source_shape_labels_and_determinism():
-    """uint8 (s, s, 3) images, label = index % classes, identical across instances with the same seed."""
-    a = sources.SyntheticSource(num_images=25, image_size=12, num_classes=7, seed=3)
-    b = sources.SyntheticSource(num_images=25, image_size=12, num_classes=7, seed=3)
-    assert len(a) == 25
-    for i in (0, 6, 7, 24):
-        ea, eb = a[i], b[i]
-        assert ea["image"].shape == (12, 12, 3) and ea["image"].dtype == np.uint8
-        assert ea["label"] == i % 7
-        np.testing.assert_array_equal(ea["image"], eb["image"])
-    assert not np.array_equal(a[0]["image"], a[1]["image"]), "images must differ between indices"
-    other = sources.SyntheticSource(num_images=25, image_size=12, num_classes=7, seed=4)
-    assert not np.array_equal(a[0]["image"], other[0]["image"]), "the seed must change the images"
-
-
-@pytest.mark.parametrize("index", [25, 100, -1])
-def test_synthetic_source_index_out_of_range(index):
-    """Indices outside [0, len) raise IndexError (no silent wrap-around of negative indices)."""
-    with pytest.raises(IndexError):
-        sources.SyntheticSource(num_images=25, image_size=8)[index]
-
+    d = small_config(**{"data.source": "folder", "data.root": make_folder(tmp_path, per_class=2)}).data
+    src = sources.make_source(d)
+    assert len(src) == 4 and src.class_names == ["cat", "dog"] and src[0]["skipped"] == 0

@@ -134,3 +134,319 @@ def test_aspect_is_log_uniform():
     log_ratios = np.array([math.log(w / h) for _, _, h, w in boxes])
     assert abs(np.mean(log_ratios > 0) - 0.5) < 0.08
     assert abs(np.mean(log_ratios)) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode_image
+
+import io  # noqa: E402
+
+import ml_collections  # noqa: E402
+from PIL import ImageFilter  # noqa: E402
+
+YY, XX = np.mgrid[0:32, 0:48]
+RGB = np.stack([XX * 5, YY * 7, 255 - XX * 5], -1).astype(np.uint8)  # smooth, so JPEG errors stay small
+
+
+def encode(img, fmt, **kwargs):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_decode_png_round_trip_is_exact_and_jpeg_is_close():
+    """RGB PNG decodes bit-exactly; RGB JPEG (q95) within JPEG error, right orientation and shape."""
+    np.testing.assert_array_equal(transforms.decode_image(encode(Image.fromarray(RGB), "PNG")), RGB)
+    out = transforms.decode_image(encode(Image.fromarray(RGB), "JPEG", quality=95))
+    assert out.shape == RGB.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - RGB).mean() < 2
+
+
+def _grey():
+    return Image.fromarray(RGB).convert("L")
+
+
+def _palette():
+    return Image.fromarray(RGB).quantize(16)
+
+
+ALPHA = Image.fromarray((XX * 5).astype(np.uint8))
+GREY16 = (np.arange(32 * 48).reshape(32, 48) * 42).astype(np.uint16)  # spans 0..65478
+
+
+@pytest.mark.parametrize(
+    "mode,data,expected,atol",
+    [
+        ("L", lambda: encode(_grey(), "PNG"), lambda: np.asarray(_grey())[..., None].repeat(3, -1), 0),
+        ("LA", lambda: encode(Image.merge("LA", (_grey(), ALPHA)), "PNG"), lambda: np.asarray(_grey())[..., None].repeat(3, -1), 0),
+        ("P", lambda: encode(_palette(), "PNG"), lambda: np.asarray(_palette().convert("RGB")), 0),
+        ("P+transparency", lambda: encode(_palette(), "PNG", transparency=0), lambda: np.asarray(_palette().convert("RGB")), 0),
+        ("RGBA", lambda: encode(Image.fromarray(np.dstack([RGB, np.asarray(ALPHA)]), "RGBA"), "PNG"), lambda: RGB, 0),
+        ("CMYK", lambda: encode(Image.fromarray(RGB).convert("CMYK"), "JPEG", quality=95), lambda: RGB, 8),
+        ("I;16", lambda: encode(Image.fromarray(GREY16), "PNG"), lambda: np.round(GREY16 / 257.0).astype(np.uint8)[..., None].repeat(3, -1), 0),
+    ],
+)
+def test_decode_any_mode_gives_uint8_rgb(mode, data, expected, atol):
+    """Every colour mode decodes to uint8 (H, W, 3) with the right content (alpha dropped, palette looked
+    up, CMYK converted, 16-bit grey rescaled rather than clipped to white)."""
+    encoded = data()
+    assert Image.open(io.BytesIO(encoded)).mode == mode.split("+")[0], "the test must exercise this mode"
+    out = transforms.decode_image(encoded, mode)
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out.astype(int), expected().astype(int), atol=atol)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        encode(Image.fromarray(RGB), "JPEG")[:400],  # truncated mid-scan
+        np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes(),
+        b"just some text, not an image\n" * 10,
+    ],
+    ids=["empty", "truncated-jpeg", "random-bytes", "text"],
+)
+def test_decode_bad_data_raises_bad_image_error_naming_the_file(data):
+    """Undecodable data raises BadImageError (not a raw PIL error), with the file name in the message."""
+    with pytest.raises(transforms.BadImageError, match="dir/broken.jpg"):
+        transforms.decode_image(data, "dir/broken.jpg")
+
+
+# ---------------------------------------------------------------------------------------------------
+# horizontal_flip
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+
+
+def test_flip_extremes():
+    """p=0 never flips; p=1 always gives the exact left-right mirror."""
+    for seed in range(20):
+        np.testing.assert_array_equal(transforms.horizontal_flip(IMAGE, np.random.default_rng(seed), p=0.0), IMAGE)
+        np.testing.assert_array_equal(transforms.horizontal_flip(IMAGE, np.random.default_rng(seed), p=1.0), IMAGE[:, ::-1])
+
+
+def test_flip_exactly_when_drawn():
+    """The image is mirrored iff the uniform draw is below p (torchvision's rule), about half the time."""
+    flips = []
+    for seed in range(400):
+        out = transforms.horizontal_flip(IMAGE, np.random.default_rng(seed))
+        drawn = np.random.default_rng(seed).random() < 0.5
+        np.testing.assert_array_equal(out, IMAGE[:, ::-1] if drawn else IMAGE)
+        flips.append(drawn)
+    assert abs(np.mean(flips) - 0.5) < 0.08
+
+
+# ---------------------------------------------------------------------------------------------------
+# color_distortion / color_jitter
+
+
+def test_color_distortion_strength_zero_is_identity_or_grayscale():
+    """Strength 0: ColorJitter(0, 0, 0, 0) is the identity, so the output is the image, or its grayscale
+    (RandomGrayscale still applies) with probability ~0.2."""
+    grey = transforms.grayscale(IMAGE)
+    is_grey = []
+    for seed in range(1000):
+        out = transforms.color_distortion(IMAGE, np.random.default_rng(seed), 0.0)
+        assert out.shape == IMAGE.shape and out.dtype == np.uint8
+        is_grey.append(np.array_equal(out, grey))
+        assert is_grey[-1] or np.array_equal(out, IMAGE)
+    assert abs(np.mean(is_grey) - 0.2) < 0.04
+
+
+def test_color_distortion_applies_jitter_with_probability_point_eight():
+    """Strength 1: jitter ~0.8 and grayscale ~0.2, independently: unchanged ~0.16, only grey ~0.04."""
+    grey = transforms.grayscale(IMAGE)
+    outcomes = []
+    for seed in range(1000):
+        out = transforms.color_distortion(IMAGE, np.random.default_rng(seed), 1.0)
+        outcomes.append("same" if np.array_equal(out, IMAGE) else "grey" if np.array_equal(out, grey) else "jittered")
+        if np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2]):
+            outcomes[-1] += "+grey-output"
+    n = len(outcomes)
+    assert abs(sum(o.startswith("jittered") for o in outcomes) / n - 0.8) < 0.04
+    assert abs(outcomes.count("same") / n - 0.16) < 0.04
+    assert abs(sum(o.endswith("grey-output") or o == "grey" for o in outcomes) / n - 0.2) < 0.04
+
+
+def test_grayscale_keeps_three_equal_channels_with_pil_luma():
+    """Grayscale is PIL's 'L' luma copied into 3 channels."""
+    out = transforms.grayscale(IMAGE)
+    assert out.shape == IMAGE.shape and out.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], np.asarray(Image.fromarray(IMAGE).convert("L")))
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+def test_jitter_factor_ranges(strength):
+    """Brightness/contrast/saturation factors are uniform in [max(0, 1 - 0.8s), 1 + 0.8s] (clipped at 0 for
+    s > 1.25), hue in [-0.2s, 0.2s]; they span the range and the order is a random permutation."""
+    x, h = 0.8 * strength, 0.2 * strength
+    lo = max(0.0, 1 - x)
+    draws = [transforms.color_jitter_params(np.random.default_rng(s), x, x, x, h) for s in range(500)]
+    factors = np.array([f for _, f in draws])
+    assert np.all(factors[:, :3] >= lo) and np.all(factors[:, :3] <= 1 + x)
+    assert np.all(np.abs(factors[:, 3]) <= h)
+    span = 2 * x if lo > 0 else 1 + x
+    assert np.all(factors[:, :3].min(0) < lo + 0.05 * span) and np.all(factors[:, :3].max(0) > 1 + x - 0.05 * span)
+    assert factors[:, 3].min() < -0.9 * h and factors[:, 3].max() > 0.9 * h
+    assert all(sorted(order) == [0, 1, 2, 3] for order, _ in draws)
+    assert {order[0] for order, _ in draws} == {0, 1, 2, 3}
+
+
+def test_jitter_disabled_ops_and_bad_hue():
+    """A zero strength disables that op (no factor); hue > 0.5 is rejected, as torchvision does."""
+    _, factors = transforms.color_jitter_params(np.random.default_rng(0), 0.4, 0.0, 0.0, 0.0)
+    assert factors[0] is not None and factors[1:] == [None, None, None]
+    with pytest.raises(ValueError):
+        transforms.color_jitter_params(np.random.default_rng(0), 0.0, 0.0, 0.0, 0.6)
+
+
+def test_brightness_range_on_a_uniform_grey_image():
+    """On a uniform grey image only brightness acts (contrast, saturation, hue are no-ops there): the value
+    is scaled by a factor within [0.2, 1.8] for strength 1, spanning most of it."""
+    image = np.full((4, 4, 3), 100, np.uint8)
+    values = []
+    for seed in range(300):
+        out = transforms.color_jitter(image, np.random.default_rng(seed), 0.8, 0.8, 0.8, 0.2)
+        assert np.all(out == out[0, 0, 0]), "a uniform grey image must stay uniform grey"
+        values.append(int(out[0, 0, 0]))
+    assert 19 <= min(values) and max(values) <= 181
+    assert min(values) < 30 and max(values) > 170
+
+
+def test_hue_shift_wraps_around():
+    """Hue shifts PIL's uint8 H by int(factor * 255) modulo 256: red (H 0) shifted by -0.1 lands at 231
+    (magenta side: blue > green), by +0.1 at 25 (orange: green > blue); grey stays grey."""
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+
+    def hue_of(image):
+        return int(np.asarray(Image.fromarray(image).convert("HSV"))[0, 0, 0])
+
+    down, up = transforms.adjust_hue(red, -0.1), transforms.adjust_hue(red, 0.1)
+    assert abs(hue_of(down) - 231) <= 1 and down[0, 0, 2] > down[0, 0, 1]
+    assert abs(hue_of(up) - 25) <= 1 and up[0, 0, 1] > up[0, 0, 2]
+    magenta = np.asarray(Image.fromarray(np.full((2, 2, 3), [250, 0, 0], np.uint8).reshape(2, 2, 3), "RGB"))
+    magenta = transforms.adjust_hue(magenta, -0.05)  # H 244
+    assert abs(hue_of(transforms.adjust_hue(magenta, 0.1)) - (hue_of(magenta) + 25) % 256) <= 1
+    grey = np.full((2, 2, 3), 90, np.uint8)
+    np.testing.assert_array_equal(transforms.adjust_hue(grey, 0.3), grey)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gaussian_blur
+
+EDGE = np.zeros((8, 16, 3), np.uint8)
+EDGE[:, 8:] = 255
+
+
+def test_blur_probability():
+    """The sharp edge is blurred with probability p (p=0 never, p=1 always, p=0.5 about half)."""
+    def changed(p, seed):
+        return not np.array_equal(transforms.gaussian_blur(EDGE, np.random.default_rng(seed), p, (0.5, 2.0)), EDGE)
+
+    assert not any(changed(0.0, s) for s in range(50))
+    assert all(changed(1.0, s) for s in range(50))
+    assert abs(np.mean([changed(0.5, s) for s in range(400)]) - 0.5) < 0.08
+
+
+def test_blur_radius_bounds():
+    """A fixed radius is exactly PIL's GaussianBlur(radius); a drawn one stays within the bounds: the pixel
+    next to the edge lies between its radius-0.1 and radius-2 values, and draws reach both ends."""
+    def blur(r):
+        return np.asarray(Image.fromarray(EDGE).filter(ImageFilter.GaussianBlur(r)))
+
+    np.testing.assert_array_equal(transforms.gaussian_blur(EDGE, np.random.default_rng(0), 1.0, (1.3, 1.3)), blur(1.3))
+    lo, hi = int(blur(0.1)[4, 7, 0]), int(blur(2.0)[4, 7, 0])
+    values = [int(transforms.gaussian_blur(EDGE, np.random.default_rng(s), 1.0)[4, 7, 0]) for s in range(300)]
+    assert lo <= min(values) and max(values) <= hi
+    assert min(values) < lo + 5 and max(values) > hi - 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# center_crop
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (300, 500), (500, 300), (100, 150), (50, 50), (224, 224)])
+def test_center_crop_shape_and_determinism(shape):
+    """Any image, larger or smaller than the crop, square or not, gives (size, size, 3) uint8, deterministically."""
+    image = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
+    out = transforms.center_crop(image, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, transforms.center_crop(image, 224))
+
+
+def test_center_crop_of_256_is_the_exact_central_224():
+    """256x256 at size 224: resizing to 256 is the identity, so the output is image[16:240, 16:240]."""
+    image = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(transforms.center_crop(image, 224), image[16:240, 16:240])
+
+
+def test_center_crop_non_square_follows_torchvision_sizes():
+    """300x500 at 224: shorter side -> 256, longer side int(500 * 256 / 300) = 426 (truncated, not 427),
+    then left = round((426 - 224) / 2) = 101."""
+    image = np.random.default_rng(2).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((426, 256), Image.BILINEAR))[16:240, 101:325]
+    np.testing.assert_array_equal(transforms.center_crop(image, 224), expected)
+
+
+def test_center_crop_of_a_2x_upscaled_image_matches():
+    """A smooth image and its 2x nearest-neighbour upscale give (nearly) the same evaluation crop."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    image = np.stack([127 + 120 * np.sin(xx / 20), 127 + 120 * np.cos(yy / 25), (xx + yy) / 2], -1).astype(np.uint8)
+    big = np.asarray(Image.fromarray(image).resize((512, 512), Image.NEAREST))
+    diff = np.abs(transforms.center_crop(big, 224).astype(int) - transforms.center_crop(image, 224).astype(int))
+    assert diff.max() <= 3 and diff.mean() < 1
+
+
+def test_center_crop_rejects_crop_fraction_above_one():
+    """crop_fraction > 1 would need padding (the crop exceeds the resized image): rejected."""
+    with pytest.raises(ValueError):
+        transforms.center_crop(IMAGE, 8, crop_fraction=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrain_transform
+
+
+def data_config(flip=False, color=False, blur=False, strength=1.0):
+    return ml_collections.ConfigDict(
+        dict(crop_size=16, crop_scale=(0.3, 1.0), use_horizontal_flip=flip, use_color_distortion=color,
+             color_jitter_strength=strength, use_gaussian_blur=blur)
+    )
+
+
+PHOTO = np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+
+
+def test_pretrain_transform_all_off_is_random_resized_crop():
+    """With every switch off (the reference default) it is exactly random_resized_crop for the same seed."""
+    for seed in range(10):
+        out = transforms.pretrain_transform(PHOTO, np.random.default_rng(seed), data_config())
+        expected = transforms.random_resized_crop(PHOTO, np.random.default_rng(seed), 16, (0.3, 1.0))
+        np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("flip,color,blur", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_pretrain_transform_applies_only_enabled_steps_in_reference_order(flip, color, blur):
+    """The output is crop -> [flip] -> [color distortion] -> [blur] on one rng stream, only enabled steps."""
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        expected = transforms.random_resized_crop(PHOTO, rng, 16, (0.3, 1.0))
+        if flip:
+            expected = transforms.horizontal_flip(expected, rng)
+        if color:
+            expected = transforms.color_distortion(expected, rng, 1.0)
+        if blur:
+            expected = transforms.gaussian_blur(expected, rng)
+        out = transforms.pretrain_transform(PHOTO, np.random.default_rng(seed), data_config(flip, color, blur))
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_pretrain_transform_deterministic_per_seed():
+    """Same seed -> same output with everything on; different seeds -> different outputs."""
+    config = data_config(True, True, True)
+    outs = [transforms.pretrain_transform(PHOTO, np.random.default_rng(s), config) for s in (5, 5, 6)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
