@@ -34,7 +34,9 @@ class TfdsSource:
         info = _prepared_builder(name, self.data_dir, where).info
         for role, key in (("image_key", image_key), ("label_key", label_key)):
             if key not in info.features:
-                raise ValueError(f"{where} has no feature {key!r}; its features are {sorted(info.features)}. Set {role}.")
+                raise ValueError(
+                    f"{where} has no feature {key!r}; its features are {sorted(info.features)}. Set {role}."
+                )
         image, label = info.features[image_key], info.features[label_key]
         plain = type(image) is tfds.features.Tensor  # not ClassLabel, Text, ...
         if not (isinstance(image, tfds.features.Image) and image.np_dtype == np.uint8
@@ -42,7 +44,8 @@ class TfdsSource:
                 or plain and image.np_dtype == np.uint8 and len(image.shape) in (2, 3)):
             raise ValueError(f"{where}: feature {image_key!r} is {image!r}; expected a uint8 Image, encoded image "
                              "bytes, or a uint8 (H, W[, C]) Tensor. Set image_key.")
-        if not (isinstance(label, tfds.features.Tensor) and label.shape == () and np.dtype(label.np_dtype).kind in "iu"):
+        integer = np.dtype(label.np_dtype).kind in "iu"
+        if not (isinstance(label, tfds.features.Tensor) and label.shape == () and integer):
             raise ValueError(f"{where}: feature {label_key!r} is {label!r}; expected an integer label. Set label_key.")
         self._names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
         # Encoded images stay bytes (no TF/tfds decoding): we decode them, and skip them when reading labels.
@@ -57,21 +60,25 @@ class TfdsSource:
         return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
                                 decoders={k: tfds.decode.SkipDecoding() for k in self._encoded})
 
-    def __len__(self) -> int:
-        if self._source is None:
+    @property
+    def _reader(self):
+        if self._source is None:  # after unpickling, in a grain worker
             self._source = self._open()
-        return len(self._source)
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._reader)
 
     def __getitem__(self, index: int) -> dict:
-        if self._source is None:
-            self._source = self._open()
-        record = self._source[index]
+        record = self._reader[index]
         return {"image": self._to_rgb(record[self.image_key], index), "label": int(record[self.label_key])}
 
     def _to_rgb(self, image, index: int) -> np.ndarray:
         name = f"{self.name}/{self.split}[{index}]"
-        if isinstance(image, (bytes, np.bytes_)) or getattr(image, "dtype", None) == object:
-            return decode_image(bytes(image.item() if isinstance(image, np.ndarray) else image), name)
+        if isinstance(image, np.ndarray) and image.dtype == object:
+            image = image.item()
+        if isinstance(image, bytes):
+            return decode_image(image, name)
         image = np.asarray(image, np.uint8)
         if image.ndim == 2:
             image = image[..., None]
@@ -85,12 +92,10 @@ class TfdsSource:
     @functools.cached_property
     def labels(self) -> np.ndarray:
         """Every record's label (int32), read once with image decoding skipped."""
-        if self._source is None:
-            self._source = self._open()
-        n = len(self._source)
+        n = len(self._reader)
         out = np.empty(n, np.int32)
         for start in range(0, n, _LABEL_CHUNK):
-            records = self._source.__getitems__(list(range(start, min(start + _LABEL_CHUNK, n))))
+            records = self._reader.__getitems__(list(range(start, min(start + _LABEL_CHUNK, n))))
             out[start : start + len(records)] = [r[self.label_key] for r in records]
         return out
 
@@ -105,9 +110,9 @@ class TfdsSource:
 
 
 def _prepared_builder(name: str, data_dir: str | None, where: str):
-    """The dataset's builder, or a FileFormat/ValueError that says how to prepare it."""
-    shown = data_dir or "~/tensorflow_datasets"
-    hint = (f"Prepare it with `tfds build {name.split('/')[0]} --data_dir {shown} --file_format=array_record`, "
+    """The dataset's builder, or a FileNotFoundError/ValueError that says how to prepare it."""
+    shown = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    hint = (f"Prepare it with `tfds build {name} --data_dir {shown} --file_format=array_record`, "
             "or point --config.data.tfds_data_dir at the folder that holds it.")
     if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{where}: data_dir {data_dir!r} does not exist. {hint}")
@@ -120,8 +125,8 @@ def _prepared_builder(name: str, data_dir: str | None, where: str):
                                 f"{hint}") from e
     if not prepared:
         raise FileNotFoundError(f"{where} is not prepared (nothing at {builder.data_dir}). {hint}")
-    file_format = builder.info.file_format
-    if file_format is None or file_format.value not in ("array_record", "parquet"):
-        raise ValueError(f"{where} is prepared as {file_format.value}, which has no random access. "
+    file_format = getattr(builder.info.file_format, "value", "tfrecord")  # tfds's default
+    if file_format not in ("array_record", "parquet"):
+        raise ValueError(f"{where} is prepared as {file_format}, which has no random access. "
                          f"Prepare it again with `tfds build {name} --data_dir {shown} --file_format=array_record`.")
     return builder

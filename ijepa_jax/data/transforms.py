@@ -67,14 +67,14 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int, 
 
 def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
     """Evaluation view: torchvision Resize(round(size / crop_fraction)) (bilinear, PIL) + CenterCrop(size)."""
-    short = int(round(size / crop_fraction))
+    short = round(size / crop_fraction)
     if short < size:
         raise ValueError(f"crop_fraction={crop_fraction} must be <= 1 (the crop must fit in the resized image).")
     h, w = image.shape[:2]
     # torchvision Resize(int): the shorter side becomes `short`, the longer one is truncated, not rounded.
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.uint8)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    top, left = round((nh - size) / 2.0), round((nw - size) / 2.0)  # CenterCrop's rounding
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
@@ -100,10 +100,12 @@ def adjust_hue(image: np.ndarray, hue_factor: float) -> np.ndarray:
 def color_jitter_params(rng: np.random.Generator, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
     """torchvision ColorJitter.get_params: (order of ops 0..3, [b, c, s, h] factors, None where disabled)."""
     if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
-        raise ValueError(f"bad ColorJitter strengths {(brightness, contrast, saturation, hue)}; hue must be <= 0.5")
+        raise ValueError(f"ColorJitter strengths {(brightness, contrast, saturation, hue)}: need >= 0, hue <= 0.5")
     order = [int(i) for i in rng.permutation(4)]
-    factors = [float(rng.uniform(max(0.0, 1 - x), 1 + x)) if x > 0 else None for x in (brightness, contrast, saturation)]
-    return order, factors + [float(rng.uniform(-hue, hue)) if hue > 0 else None]
+    # A zero strength disables its op (torchvision draws no factor); the lower bound is clipped at 0 as there.
+    ranges = [(max(0.0, 1 - x), 1 + x) if x > 0 else None for x in (brightness, contrast, saturation)]
+    ranges.append((-hue, hue) if hue > 0 else None)
+    return order, [None if r is None else float(rng.uniform(*r)) for r in ranges]
 
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)  # as torchvision on PIL

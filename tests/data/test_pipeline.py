@@ -8,7 +8,7 @@ from conftest import small_config
 from ijepa_jax import masks
 from ijepa_jax.data import pipeline, sources
 
-KEYS = ("images", "context_idx", "context_valid", "target_idx", "target_valid")
+KEYS = ("images", "skipped", "context_idx", "context_valid", "target_idx", "target_valid")
 
 
 class IndexSource:
@@ -61,6 +61,7 @@ def test_batch_shapes_and_dtypes_single_process():
         assert batch["target_idx"].shape == (b, spec.num_targets, spec.target_tokens)
         assert batch["target_idx"].dtype == np.int32 and batch["target_valid"].dtype == np.bool_
         assert batch["target_valid"].shape == (b, spec.num_targets, spec.target_tokens)
+        assert batch["skipped"].shape == (b,) and not batch["skipped"].any()
         assert batch["images"].std() > 0
 
 

@@ -6,7 +6,9 @@ image (only numpy arrays would go through TensorFlow's PNG encoder).
 """
 
 import io
+import json
 import pickle
+import shutil
 
 import grain
 import numpy as np
@@ -212,6 +214,16 @@ def test_clear_errors(data_dir, tmp_path, kwargs, error, words):
     assert "\n" not in message  # not tfds's list of every registered dataset
     for word in [repr(args["name"]), repr(args["split"]), args["data_dir"], *words]:
         assert word in message, (word, message)
+
+
+def test_dataset_prepared_without_random_access_is_refused(data_dir, tmp_path):
+    """A dataset prepared as TFRecord (the tfds default) is an error that says to re-prepare as array_record."""
+    shutil.copytree(f"{data_dir}/ijepa_test_arrays", tmp_path / "ijepa_test_arrays")
+    info_path = tmp_path / "ijepa_test_arrays" / "1.0.0" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))  # preparing TFRecord would need TensorFlow
+    with pytest.raises(ValueError, match="prepared as tfrecord.*no random access.*--file_format=array_record"):
+        TfdsSource("ijepa_test_arrays", "train", str(tmp_path))
 
 
 def _index_of_label(src, label):
