@@ -1,4 +1,4 @@
-"""The grain pretraining pipeline: shuffle -> crop -> per-host slice -> batch -> masks.
+"""The grain pretraining pipeline: shuffle -> crop/augment -> per-host slice -> batch -> masks.
 
 Randomness is keyed on GLOBAL positions: crops are drawn before the per-host
 slice (grain seeds a random_map from the element index), and the per-batch
@@ -19,14 +19,14 @@ from ijepa_jax import sharding
 from ijepa_jax.data import transforms
 
 
-class RandomCrop(grain.transforms.RandomMap):
+class PretrainTransform(grain.transforms.RandomMap):
     """Record -> {'images': uint8 crop, 'skipped': int}; the label is not needed for pretraining."""
 
-    def __init__(self, size: int, scale):
-        self.size, self.scale = size, tuple(scale)
+    def __init__(self, data_config):
+        self.data_config = data_config
 
     def random_map(self, element, rng: np.random.Generator):
-        image = transforms.random_resized_crop(element["image"], rng, self.size, self.scale)
+        image = transforms.pretrain_transform(element["image"], rng, self.data_config)
         return {"images": image, "skipped": np.int32(element.get("skipped", 0))}
 
 
@@ -65,7 +65,7 @@ def pretrain_dataset(
     ds = grain.MapDataset.source(source).seed(seed)
     # Shuffle before repeat: each epoch gets its own permutation, never mixed.
     ds = ds.shuffle().repeat(None)
-    ds = ds.random_map(RandomCrop(data_config.crop_size, data_config.crop_scale))
+    ds = ds.random_map(PretrainTransform(data_config))
     ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.random_map(SampleMasks(spec, process_index))

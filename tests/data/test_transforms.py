@@ -7,7 +7,7 @@ import math
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter
 
 from ijepa_jax.data import transforms
 
@@ -285,6 +285,23 @@ def test_jitter_factor_ranges(strength):
     assert factors[:, 3].min() < -0.9 * h and factors[:, 3].max() > 0.9 * h
     assert all(sorted(order) == [0, 1, 2, 3] for order, _ in draws)
     assert {order[0] for order, _ in draws} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("op", [0, 1, 2, 3])
+def test_each_jitter_op_is_the_pil_adjustment(op):
+    """Alone, brightness / contrast / saturation are PIL ImageEnhance Brightness / Contrast / Color and hue
+    is adjust_hue, each with the factor color_jitter_params draws from the same seed."""
+    strengths = [0.0, 0.0, 0.0, 0.0]
+    strengths[op] = 0.4 if op == 3 else 0.8
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for seed in range(5):
+        factor = transforms.color_jitter_params(np.random.default_rng(seed), *strengths)[1][op]
+        if op == 3:
+            expected = transforms.adjust_hue(IMAGE, factor)
+        else:
+            expected = np.asarray(enhancers[op](Image.fromarray(IMAGE)).enhance(factor))
+        out = transforms.color_jitter(IMAGE, np.random.default_rng(seed), *strengths)
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_jitter_disabled_ops_and_bad_hue():
