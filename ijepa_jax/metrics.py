@@ -56,12 +56,15 @@ class MetricsWriter:
         done = step - self._first_step
         eta = (now - self._first_time) / done * (self.total_steps - step) if done > 0 else float("nan")
         eta_s = format_duration(eta) if math.isfinite(eta) else "?"
-        return (
+        line = (
             f"step {step}/{self.total_steps} epoch {record.get('epoch', 0):.2f} "
             f"loss {record['loss']:.4f} lr {record['lr']:.3g} "
             f"img/s {record.get('img_per_s', float('nan')):.1f} "
             f"elapsed {format_duration(now - self._start)} eta {eta_s}"
         )
+        if record.get("bad_images_skipped"):
+            line += f" (unreadable images skipped so far: {record['bad_images_skipped']})"
+        return line
 
     def close(self) -> None:
         if self._jsonl:

@@ -42,12 +42,14 @@ def test_reference_configs_validate_with_synthetic_source(filename):
 
 
 @pytest.mark.parametrize("filename", [f for f in CONFIG_FILES if f != "cifar100.py"])
-def test_reference_configs_folder_source_not_available_yet(filename):
-    """As shipped (data.source='folder') they fail validation with a message that the source is not available."""
+def test_reference_configs_read_an_image_folder_named_on_the_command_line(filename):
+    """As shipped they read data.source='folder' and ask for --config.data.root; with it they validate."""
     c = get_config(filename)
     assert c.data.source == "folder"
-    with pytest.raises(ValueError, match=r"data\.source='folder' is not available"):
+    with pytest.raises(ValueError, match=r"needs --config\.data\.root"):
         config_lib.validate(c, num_devices=8)
+    c.data.root = "/datasets/imagenet"
+    config_lib.validate(c, num_devices=8)
 
 
 def assert_reference_recipe(c):
