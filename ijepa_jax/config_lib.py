@@ -72,6 +72,15 @@ def default_config() -> ml_collections.ConfigDict:
         context_tokens=-1,  # K context tokens per image; -1: mean reference batch minimum
         auto_context_batch=128,  # per-GPU batch of the reference, for context_tokens=-1
     )
+    c.checkpoint = dict(
+        every_steps=1000,  # save every N steps (0: only at the end and on preemption)
+        keep=3,  # keep the last K checkpoints
+        keep_every_epochs=0,  # > 0: also keep every E-th epoch's checkpoint for good
+        async_save=True,  # write in the background; the loop only waits for the device-to-host copy
+        restore_step=-1,  # resume from this step instead of the latest
+        init_from="",  # a workdir to take the weights from (fresh optimizer and step)
+        export_at_end=True,  # write WORKDIR/target_encoder.msgpack when the run completes
+    )
     c.optim = dict(
         epochs=300,
         warmup_epochs=40,
@@ -160,6 +169,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
     if not 0 <= o.ema[0] <= o.ema[1] <= 1:
         raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
+    k = config.checkpoint
+    if k.every_steps < 0 or k.keep < 1 or k.keep_every_epochs < 0:
+        raise ValueError(
+            f"checkpoint.every_steps={k.every_steps} (>= 0), checkpoint.keep={k.keep} (>= 1) and "
+            f"checkpoint.keep_every_epochs={k.keep_every_epochs} (>= 0) are out of range."
+        )
     if config.log_every_steps < 1:
         raise ValueError(f"log_every_steps={config.log_every_steps} must be >= 1.")
     masks.validate(masks.MaskSpec.from_config(config))

@@ -22,7 +22,7 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+    def __init__(self, workdir: str, total_steps: int, resume_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self._start = time.time()
@@ -31,7 +31,9 @@ class MetricsWriter:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_records_after(path, resume_step)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -71,6 +73,20 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """On resume, drop records of steps past the checkpoint: the resumed run writes them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
 
 
 def _to_python(v):

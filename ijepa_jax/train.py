@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ijepa_jax import config_lib, masks, optim, sharding
+from ijepa_jax import checkpoint, config_lib, masks, optim, sharding
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import pipeline, sources
 from ijepa_jax.metrics import MetricsWriter, format_duration
@@ -48,7 +48,8 @@ class Experiment:
     source: object
     steps_per_epoch: int
     total_steps: int
-    state: step_lib.TrainState
+    state: step_lib.TrainState  # freshly initialised
+    abstract_state: step_lib.TrainState  # shapes, dtypes and shardings: what a checkpoint restores into
     train_step: object  # jitted (state, batch) -> (state, metrics)
 
 
@@ -78,56 +79,108 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
     init = lambda rng: step_lib.init_state(rng, models, tx, shapes)  # noqa: E731
     rng = jax.random.key(config.seed)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
+    shapes = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sharding
+    )
     state = jax.jit(init, out_shardings=state_sharding)(rng)
     train_step = step_lib.jit_train_step(
         models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
     )
-    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, state, train_step)
+    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, state, abstract_state, train_step)
 
 
-def train_batches(exp: Experiment):
-    """This run's batches as global device arrays, prefetched."""
+def train_batches(exp: Experiment, data_state: dict | None = None):
+    """(global device batch, pipeline position after it) pairs, prefetched; resumes at `data_state`."""
     c = exp.config
     dataset = pipeline.pretrain_dataset(
         exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count()
     )
-    return pipeline.prefetch_to_device(iter(dataset), exp.mesh, c.data.prefetch_batches)
+    iterator = iter(dataset)
+    if data_state is not None:
+        iterator.set_state(data_state)
+    return pipeline.prefetch_to_device(iterator, exp.mesh, c.data.prefetch_batches)
+
+
+def initial_state(exp: Experiment, manager, workdir: str):
+    """(state, data_state): the checkpoint to resume, weights to start from, or a fresh start."""
+    ckpt = exp.config.checkpoint
+    steps = manager.all_steps()
+    if ckpt.restore_step >= 0 and ckpt.restore_step not in steps:
+        raise ValueError(
+            f"checkpoint.restore_step={ckpt.restore_step}, but {checkpoint.checkpoint_dir(workdir)} "
+            f"holds steps {sorted(steps)}."
+        )
+    step = ckpt.restore_step if ckpt.restore_step >= 0 else manager.latest_step()
+    if step is not None:
+        state, data_state = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
+        print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
+        return state, data_state
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        raise ValueError(
+            f"{workdir} holds a previous run's metrics.jsonl but no complete checkpoint to resume; "
+            "refusing to start over it. Use a new --workdir, or delete that folder's contents."
+        )
+    if ckpt.init_from:
+        params, target_params = checkpoint.restore_weights(ckpt.init_from, exp.abstract_state, exp.config)
+        print(f"initialised weights from {ckpt.init_from}", flush=True)
+        return exp.state.replace(params=params, target_params=target_params), None
+    return exp.state, None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs pretraining; returns the metrics of the last step."""
+    """Runs (or resumes) pretraining in `workdir`; returns the metrics of the last step."""
+    if not workdir:
+        raise ValueError("--workdir is required: the folder for config, metrics and checkpoints.")
     exp = build(config)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(exp.config.to_json_best_effort(indent=2))
-    _print_summary(exp)
-    writer = MetricsWriter(workdir, exp.total_steps)
+    manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
     try:
-        return _loop(exp, train_batches(exp), writer)
+        state, data_state = initial_state(exp, manager, workdir)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(exp.config.to_json_best_effort(indent=2))
+        _print_summary(exp)
+        writer = MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))
+        try:
+            state, last = _loop(exp, state, train_batches(exp, data_state), writer, manager)
+        finally:
+            writer.close()
+        manager.wait_until_finished()
+        if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps and jax.process_index() == 0:
+            path = checkpoint.export_target_encoder(
+                state.target_params, exp.config, os.path.join(workdir, "target_encoder.msgpack")
+            )
+            print(f"exported the target encoder to {path}", flush=True)
+        return last
     finally:
-        writer.close()
+        manager.close()
 
 
-def _loop(exp: Experiment, batches, writer: MetricsWriter) -> dict:
-    """Dispatches step k+1 before fetching step k's metrics, so the host never stalls the devices."""
-    config, state, train_step = exp.config, exp.state, exp.train_step
+def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tuple:
+    """Dispatches step k+1 before fetching step k's metrics, so the host never stalls the devices.
+
+    Saves every `checkpoint.every_steps`, at kept epochs, at the end, and at
+    the first step boundary after a preemption signal (then returns early).
+    """
+    config, train_step = exp.config, exp.train_step
     steps_per_epoch, total_steps = exp.steps_per_epoch, exp.total_steps
     start = int(state.step)
     t_start = time.time()
     window = {"step": start, "time": t_start}  # throughput is measured between logged steps
     last = {}
-
     skipped_total = 0
+    save_blocked_s = None
 
     def on_step_done(done: int, metrics) -> None:
-        nonlocal last, skipped_total
+        nonlocal last, skipped_total, save_blocked_s
         last = _check_finite(done, metrics)
         skipped_total += int(last.pop("skipped_images", 0))
         last["bad_images_skipped"] = skipped_total
         now = time.time()
         last["epoch"] = done / steps_per_epoch
+        if save_blocked_s is not None:
+            last["checkpoint_blocked_s"], save_blocked_s = save_blocked_s, None
         if done == start + 1:
             last["first_step_time_s"] = now - t_start  # compilation + one step
         elif done % config.log_every_steps == 0 or done == total_steps:
@@ -140,15 +193,28 @@ def _loop(exp: Experiment, batches, writer: MetricsWriter) -> dict:
         window.update(step=done, time=now)
 
     in_flight = None
-    for step in range(start, total_steps):
-        state, metrics = train_step(state, next(batches))
-        if in_flight is not None:
-            on_step_done(*in_flight)
-        in_flight = (step + 1, metrics)
+    with checkpoint.PreemptionWatcher(manager) as preemption:
+        for step in range(start, total_steps):
+            batch, data_state = next(batches)
+            state, metrics = train_step(state, batch)
+            if in_flight is not None:
+                on_step_done(*in_flight)
+            in_flight = (step + 1, metrics)
+            done = step + 1
+            preempted = preemption.requested(done)
+            if preempted or done == total_steps or checkpoint.is_due(done, config.checkpoint, steps_per_epoch):
+                save_blocked_s = checkpoint.save(manager, done, state, data_state, config)
+                window["time"] += save_blocked_s  # throughput excludes checkpointing
+            if preempted:
+                on_step_done(*in_flight)
+                in_flight = None
+                manager.wait_until_finished()
+                print(f"preempted: saved step {done}; run the same command again to resume.", flush=True)
+                break
     if in_flight is not None:
         on_step_done(*in_flight)
-    print(f"done: {total_steps - start} steps in {format_duration(time.time() - t_start)}", flush=True)
-    return last
+    print(f"done: {int(state.step) - start} steps in {format_duration(time.time() - t_start)}", flush=True)
+    return state, last
 
 
 def _check_finite(step: int, metrics) -> dict:

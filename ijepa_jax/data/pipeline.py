@@ -9,8 +9,6 @@ random streams. Every host sees the same number of batches per epoch.
 from __future__ import annotations
 
 import collections
-from typing import Iterator
-
 import grain
 import numpy as np
 
@@ -77,11 +75,15 @@ def pretrain_dataset(
     return it
 
 
-def prefetch_to_device(batches: Iterator[dict], mesh, size: int) -> Iterator[dict]:
-    """Keep `size` global batches in flight on the devices ahead of the step."""
+def prefetch_to_device(iterator, mesh, size: int):
+    """Yield (global device batch, iterator state after that batch), keeping `size` batches in flight.
+
+    The state travels with its batch because the iterator runs ahead of the
+    step: a checkpoint must record the position of the last batch *used*.
+    """
     queue = collections.deque()
-    for batch in batches:
-        queue.append(sharding.put_batch(batch, mesh))
+    for batch in iterator:
+        queue.append((sharding.put_batch(batch, mesh), iterator.get_state()))
         if len(queue) > size:
             yield queue.popleft()
     while queue:

@@ -1,0 +1,239 @@
+"""Checkpoints (orbax) that resume exactly, and the exported target encoder.
+
+A checkpoint at step N holds, under WORKDIR/checkpoints/N/:
+  state   the whole TrainState (online + target parameters, optimizer, step)
+  data    the input pipeline's position after the N-th batch (grain state, JSON)
+  config  the resolved config (JSON)
+All randomness (crops, masks) is a function of the seed and the stream
+position, so these three are enough for an exact continuation. orbax writes
+each checkpoint to a temporary folder and renames it when complete, so a
+process killed mid-save leaves the previous checkpoints intact and the
+partial one is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Config entries that must match for a checkpoint's state to fit this run.
+ARCHITECTURE_KEYS = (
+    "model.name",
+    "model.patch_size",
+    "model.pred_depth",
+    "model.pred_width",
+    "model.scan_layers",
+    "data.crop_size",
+)
+EXPORT_FORMAT = "ijepa_jax.target_encoder.v1"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, checkpoint_config, steps_per_epoch: int) -> ocp.CheckpointManager:
+    """Saves every `every_steps`, keeps the last `keep`, and every `keep_every_epochs`-th epoch for good."""
+    c = checkpoint_config
+    keep_period = c.keep_every_epochs * steps_per_epoch if c.keep_every_epochs > 0 else None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep,
+        keep_period=keep_period,
+        enable_async_checkpointing=c.async_save,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data", "config"))
+
+
+def is_due(step: int, checkpoint_config, steps_per_epoch: int) -> bool:
+    """A periodic save (every `every_steps`) or one of the epochs kept for good."""
+    c = checkpoint_config
+    periodic = c.every_steps > 0 and step % c.every_steps == 0
+    kept_epoch = c.keep_every_epochs > 0 and step % (c.keep_every_epochs * steps_per_epoch) == 0
+    return periodic or kept_epoch
+
+
+def save(manager, step: int, state, data_state: dict, config) -> float:
+    """Starts a save (asynchronous by default); returns the seconds the caller was blocked."""
+    t = time.perf_counter()
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        ),
+        force=True,  # the loop decides when to save (see is_due)
+    )
+    return time.perf_counter() - t
+
+
+def check_compatible(saved: dict, config, where: str) -> None:
+    """Raise ValueError naming every architecture entry that differs from the checkpoint's."""
+    differences = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        theirs, ours = saved.get(section, {}).get(name), config[section][name]
+        if theirs != ours:
+            differences.append(f"{key}: checkpoint {theirs!r}, this run {ours!r}")
+    if differences:
+        raise ValueError(
+            f"The checkpoint in {where} was made by a different model: " + "; ".join(differences)
+            + ". Use the config it was trained with, or a new --workdir."
+        )
+
+
+def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
+    """(state, data_state) of `step`, with the state placed as `abstract_state`'s shardings say."""
+    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    check_compatible(saved_config, config, where)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise ValueError(
+            f"Checkpoint step {step} in {where} cannot be read ({type(e).__name__}: {e}). Delete that step's "
+            "folder to resume from the one before, or choose one with --config.checkpoint.restore_step."
+        ) from e
+    return restored["state"], restored["data"]
+
+
+def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:
+    """A manager for another run's workdir (or its checkpoints/ folder), and its latest step."""
+    path = os.path.abspath(path)
+    directory = path if os.path.basename(path) == "checkpoints" else checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints in {path} (expected the folder {directory}).")
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data", "config")
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+    return manager, step
+
+
+def restore_weights(path: str, abstract_state, config):
+    """Online and target parameters from another run's latest checkpoint (optimizer and step fresh)."""
+    manager, step = read_only_manager(path)
+    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    check_compatible(saved_config, config, path)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    logging.info("initialised weights from %s step %d", path, step)
+    return restored["state"].params, restored["state"].target_params
+
+
+# ----------------------------------------------------------------------------
+# export: the target encoder alone
+
+
+def unstack_blocks(params):
+    """Scanned block stacks ('blocks' with a leading depth axis) -> 'blocks_0', 'blocks_1', ..."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key == "blocks":
+            depth = jax.tree.leaves(value)[0].shape[0]
+            for i in range(depth):
+                out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+        else:
+            out[key] = unstack_blocks(value)
+    return out
+
+
+def export_target_encoder(target_params, config, path: str) -> str:
+    """Write the target (EMA) encoder to one msgpack file: {'format', 'model', 'params'}.
+
+    'model' holds name, patch_size and crop_size; 'params' is the encoder's
+    Flax parameter tree with unrolled blocks ('stack/blocks_i/...'), so it
+    loads into `models.vit.Encoder(scan=False)`.
+    """
+    params = unstack_blocks(jax.tree.map(np.asarray, jax.device_get(target_params)))
+    payload = {
+        "format": EXPORT_FORMAT,
+        "model": {
+            "name": config.model.name,
+            "patch_size": config.model.patch_size,
+            "crop_size": config.data.crop_size,
+        },
+        "params": params,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+    return path
+
+
+def load_encoder(path: str):
+    """(encoder module, params, model info) from an exported file."""
+    from ijepa_jax.models import vit
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No exported encoder at {path}.")
+    with open(path, "rb") as f:
+        try:
+            payload = flax.serialization.msgpack_restore(f.read())
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable exported encoder ({e}).") from e
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an ijepa_jax export (expected format {EXPORT_FORMAT!r}).")
+    info = payload["model"]
+    model_config = ml_collections.ConfigDict(
+        dict(name=info["name"], patch_size=info["patch_size"], dtype="float32", scan_layers=False,
+             remat=False, attention_impl="")
+    )
+    return vit.make_encoder(model_config), payload["params"], info
+
+
+# ----------------------------------------------------------------------------
+# preemption
+
+
+class PreemptionWatcher:
+    """Tells the loop when to save and stop: SIGTERM (one process) or orbax's sync point (many).
+
+    With several processes every host must stop at the same step, which
+    orbax's preemption sync point (jax.distributed) guarantees; a local signal
+    handler would let hosts disagree. A single process has no sync point, so
+    it handles SIGTERM itself (SLURM before its time limit, TPU VM preemption).
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.signalled = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        logging.warning("SIGTERM: saving at the next step boundary, then stopping")
+        self.signalled = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return self.signalled
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,218 @@
+"""Checkpoints: exact resume, preemption, crash safety, another topology, export, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from ijepa_jax import checkpoint, train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = {"checkpoint.every_steps": 3, "checkpoint.async_save": True}
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def steps_logged(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def latest_state(workdir, config):
+    exp = train.build(config)
+    manager, step = checkpoint.read_only_manager(workdir)
+    state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
+    return step, state
+
+
+def subprocess_train(workdir, overrides, devices=8, wait=True):
+    """train.train(small_config(**overrides), workdir) in a fresh process with `devices` CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])
+    code = (
+        "import json, sys; from conftest import small_config; from ijepa_jax import train; "
+        "train.train(small_config(**json.loads(sys.argv[1])), sys.argv[2])"
+    )
+    args = [sys.executable, "-c", code, json.dumps(overrides), str(workdir)]
+    if not wait:
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def continuous_run(tmp_path_factory):
+    """6 uninterrupted steps, checkpoints every 3."""
+    workdir = str(tmp_path_factory.mktemp("continuous"))
+    train.train(small_config(total_steps=6, **FAST), workdir)
+    return workdir
+
+
+def test_stopped_and_resumed_run_equals_the_continuous_one_bitwise(continuous_run, tmp_path):
+    """3 steps, stop, re-run the same command for 6: steps 4-6 have exactly the same losses and end state."""
+    workdir = str(tmp_path)
+    train.train(small_config(total_steps=3, **FAST), workdir)
+    train.train(small_config(total_steps=6, **FAST), workdir)
+    assert steps_logged(workdir) == [1, 2, 3, 4, 5, 6]
+    assert losses(workdir) == losses(continuous_run)  # bitwise on CPU
+    config = small_config(total_steps=6, **FAST)
+    (step_a, a), (step_b, b) = latest_state(continuous_run, config), latest_state(workdir, config)
+    assert step_a == step_b == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_restores_the_data_position_so_masks_continue(continuous_run, tmp_path):
+    """The saved pipeline position makes the next batch the one the continuous run used."""
+    config = small_config(total_steps=6, **FAST)
+    exp = train.build(config)
+    manager, _ = checkpoint.read_only_manager(continuous_run)
+    _, data_state = checkpoint.restore(manager, 3, exp.abstract_state, exp.config, continuous_run)
+    resumed = [next(train.train_batches(exp, data_state))[0] for _ in range(1)][0]
+    straight = train.train_batches(exp)
+    for _ in range(4):
+        batch, _ = next(straight)
+    for key in ("images", "context_idx", "target_idx", "target_valid"):
+        np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(batch[key]))
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
+    """A real training process gets SIGTERM: it saves, exits 0, and the same command resumes after it."""
+    overrides = {"optim.epochs": 1000, "checkpoint.every_steps": 0, "log_every_steps": 1}
+    proc = subprocess_train(tmp_path, overrides, wait=False)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted: saved step" in out
+    saved = int(out.split("preempted: saved step ")[1].split(";")[0])
+    assert checkpoint.read_only_manager(str(tmp_path))[1] == saved
+    assert steps_logged(str(tmp_path)) == list(range(1, saved + 1))
+
+    rerun = subprocess_train(tmp_path, {**overrides, "total_steps": saved + 2})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'} step {saved}" in rerun.stdout
+    assert steps_logged(str(tmp_path)) == list(range(1, saved + 3))
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """A process killed while step 4 is being written leaves step 2 intact; resuming ignores the partial 4."""
+    code = (
+        "import os, signal, time; from conftest import small_config; from ijepa_jax import checkpoint, train\n"
+        "c = small_config(total_steps=2, **{'checkpoint.every_steps': 2})\n"
+        "train.train(c, WORKDIR)\n"
+        "exp = train.build(c); m = checkpoint.make_manager(WORKDIR, exp.config.checkpoint, exp.steps_per_epoch)\n"
+        "state, data = train.initial_state(exp, m, WORKDIR)\n"
+        "checkpoint.save(m, 4, state, data, exp.config)\n"
+        "time.sleep(0.05); os.kill(os.getpid(), signal.SIGKILL)\n"
+    ).replace("WORKDIR", repr(str(tmp_path)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("4")]
+    assert leftovers and all("tmp" in d for d in leftovers), leftovers  # killed mid-save: only a partial 4
+    manager, latest = checkpoint.read_only_manager(str(tmp_path))
+    assert latest == 2
+    train.train(small_config(total_steps=4, **{"checkpoint.every_steps": 2}), str(tmp_path))
+    assert steps_logged(str(tmp_path)) == [1, 2, 3, 4]
+    assert checkpoint.read_only_manager(str(tmp_path))[1] == 4
+
+
+def test_checkpoint_saved_on_8_devices_resumes_on_2(continuous_run, tmp_path):
+    """Restore reshards onto the new mesh: the 2-device continuation matches the 8-device run closely."""
+    workdir = str(tmp_path)
+    train.train(small_config(total_steps=3, **FAST), workdir)
+    proc = subprocess_train(workdir, {"total_steps": 6, **FAST}, devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "devices: 2" in proc.stdout and "step 3" in proc.stdout
+    expected, got = losses(continuous_run), losses(workdir)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4)
+
+
+def test_exported_target_encoder_loads_back_and_matches_the_checkpoint(tmp_path):
+    """target_encoder.msgpack (unrolled blocks) gives the same features as the scanned target encoder."""
+    config = small_config(total_steps=2, **{"model.scan_layers": True})
+    train.train(config, str(tmp_path))
+    encoder, params, info = checkpoint.load_encoder(str(tmp_path / "target_encoder.msgpack"))
+    assert info == {"name": "vit_micro", "patch_size": 4, "crop_size": 16}
+    assert "blocks_0" in params["stack"] and "blocks" not in params["stack"]
+    exp = train.build(config)
+    _, state = latest_state(str(tmp_path), config)
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    ours = encoder.apply({"params": params}, images)
+    from ijepa_jax.step import make_models
+
+    theirs = make_models(exp.config, 4).encoder.apply({"params": state.target_params}, images)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_takes_weights_but_starts_a_fresh_optimizer(continuous_run, tmp_path):
+    """checkpoint.init_from copies online and target weights; the step and Adam moments start at zero."""
+    config = small_config(total_steps=1, **{"checkpoint.init_from": continuous_run})
+    exp = train.build(config)
+    manager = checkpoint.make_manager(str(tmp_path), exp.config.checkpoint, exp.steps_per_epoch)
+    state, data_state = train.initial_state(exp, manager, str(tmp_path))
+    _, source = latest_state(continuous_run, small_config(total_steps=6))
+    assert int(state.step) == 0 and data_state is None
+    for x, y in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(source.target_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(state.opt_state[0].mu))
+
+
+def test_keeps_the_last_k_and_every_kept_epoch(tmp_path):
+    """every_steps=1, keep=2, keep_every_epochs=1 (8 steps/epoch): steps 8, 11 and 12 remain."""
+    config = small_config(
+        total_steps=12, **{"checkpoint.every_steps": 1, "checkpoint.keep": 2, "checkpoint.keep_every_epochs": 1}
+    )
+    train.train(config, str(tmp_path))
+    manager, _ = checkpoint.read_only_manager(str(tmp_path))
+    assert sorted(manager.all_steps()) == [8, 11, 12]
+
+
+# ----------------------------------------------------------------------------
+# bad input: clear errors, never a silent fresh start
+
+
+def test_a_different_model_is_refused_naming_what_differs(continuous_run):
+    config = small_config(total_steps=6, **{"model.pred_depth": 2})
+    with pytest.raises(ValueError, match=r"model\.pred_depth: checkpoint 1, this run 2"):
+        train.train(config, continuous_run)
+
+
+def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
+    train.train(small_config(total_steps=2), str(tmp_path))
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if not name.endswith(".json") and "metadata" not in name:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read.*restore_step"):
+        train.train(small_config(total_steps=4), str(tmp_path))
+
+
+def test_metrics_without_a_checkpoint_refuse_a_fresh_start(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="refusing to start over"):
+        train.train(small_config(total_steps=2), str(tmp_path))
+
+
+def test_missing_init_from_and_unknown_restore_step_are_errors(continuous_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoints"):
+        train.train(small_config(total_steps=1, **{"checkpoint.init_from": str(tmp_path / "nope")}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"restore_step=5.*\[3, 6\]"):
+        train.train(small_config(total_steps=6, **{"checkpoint.restore_step": 5}), continuous_run)
