@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ijepa_jax import sharding
+
 # Config entries that must match for a checkpoint's state to fit this run.
 ARCHITECTURE_KEYS = (
     "model.name",
@@ -52,7 +54,15 @@ def make_manager(workdir: str, checkpoint_config, steps_per_epoch: int) -> ocp.C
         enable_async_checkpointing=c.async_save,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data", "config"))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict:
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+    }
 
 
 def is_due(step: int, checkpoint_config, steps_per_epoch: int) -> bool:
@@ -119,7 +129,7 @@ def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"No checkpoints in {path} (expected the folder {directory}).")
     manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data", "config")
+        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_item_handlers()
     )
     step = manager.latest_step()
     if step is None:
@@ -179,6 +189,24 @@ def export_target_encoder(target_params, config, path: str) -> str:
         f.write(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
     return path
+
+
+def export_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
+    """Export the target encoder of a run's checkpoint (latest, or `step`) without rebuilding the run."""
+    manager, latest = read_only_manager(workdir)
+    step = latest if step is None else step
+    if step not in manager.all_steps():
+        raise ValueError(f"No checkpoint step {step} in {workdir}; it holds {sorted(manager.all_steps())}.")
+    # Restore onto this host's devices, whatever topology saved it.
+    replicated = jax.sharding.NamedSharding(sharding.make_mesh(), jax.sharding.PartitionSpec())
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), manager.item_metadata(step)["state"]
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
+    )
+    config = ml_collections.ConfigDict(restored["config"])
+    return export_target_encoder(restored["state"]["target_params"], config, out)
 
 
 def load_encoder(path: str):

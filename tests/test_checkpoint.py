@@ -216,3 +216,23 @@ def test_missing_init_from_and_unknown_restore_step_are_errors(continuous_run, t
         train.train(small_config(total_steps=1, **{"checkpoint.init_from": str(tmp_path / "nope")}), str(tmp_path))
     with pytest.raises(ValueError, match=r"restore_step=5.*\[3, 6\]"):
         train.train(small_config(total_steps=6, **{"checkpoint.restore_step": 5}), continuous_run)
+
+
+def test_export_from_a_workdir_equals_the_end_of_run_export(continuous_run, tmp_path):
+    """tools/export_encoder's path: the latest checkpoint's target encoder, restored on any topology."""
+    out = checkpoint.export_from_workdir(continuous_run, str(tmp_path / "enc.msgpack"))
+    _, a, _ = checkpoint.load_encoder(out)
+    _, b, _ = checkpoint.load_encoder(os.path.join(continuous_run, "target_encoder.msgpack"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="No checkpoint step 4"):
+        checkpoint.export_from_workdir(continuous_run, str(tmp_path / "x.msgpack"), step=4)
+
+
+def test_load_encoder_rejects_files_that_are_not_exports(tmp_path):
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="not"):
+        checkpoint.load_encoder(str(bad))
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load_encoder(str(tmp_path / "missing.msgpack"))
