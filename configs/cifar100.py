@@ -27,5 +27,6 @@ def get_config(arg: str = "vit_tiny"):
     c.mask.update(mode="corrected", min_keep=4)
     c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
+    c.checkpoint.every_steps = 195  # one epoch of 50,000 images at batch 256
     c.log_every_steps = 10
     return c
