@@ -191,13 +191,13 @@ def export_target_encoder(target_params, config, path: str) -> str:
     return path
 
 
-def export_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
-    """Export the target encoder of a run's checkpoint (latest, or `step`) without rebuilding the run."""
+def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
+    """(target-encoder params with unrolled blocks, the run's config, step) from a run's checkpoint
+    (latest, or `step`), restored onto this host's devices whatever topology saved it."""
     manager, latest = read_only_manager(workdir)
     step = latest if step is None else step
     if step not in manager.all_steps():
         raise ValueError(f"No checkpoint step {step} in {workdir}; it holds {sorted(manager.all_steps())}.")
-    # Restore onto this host's devices, whatever topology saved it.
     replicated = jax.sharding.NamedSharding(sharding.make_mesh(), jax.sharding.PartitionSpec())
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), manager.item_metadata(step)["state"]
@@ -205,14 +205,28 @@ def export_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
     )
-    config = ml_collections.ConfigDict(restored["config"])
-    return export_target_encoder(restored["state"]["target_params"], config, out)
+    params = unstack_blocks(restored["state"]["target_params"])
+    return params, ml_collections.ConfigDict(restored["config"]), step
+
+
+def export_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
+    """Export the target encoder of a run's checkpoint (latest, or `step`) without rebuilding the run."""
+    params, config, _ = restore_target_encoder(workdir, step)
+    return export_target_encoder(params, config, out)
+
+
+def unrolled_encoder(name: str, patch_size: int):
+    """The float32, unrolled encoder module that exported / restored parameters fit."""
+    from ijepa_jax.models import vit
+
+    model_config = ml_collections.ConfigDict(
+        dict(name=name, patch_size=patch_size, dtype="float32", scan_layers=False, remat=False, attention_impl="")
+    )
+    return vit.make_encoder(model_config)
 
 
 def load_encoder(path: str):
     """(encoder module, params, model info) from an exported file."""
-    from ijepa_jax.models import vit
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No exported encoder at {path}.")
     with open(path, "rb") as f:
@@ -223,11 +237,7 @@ def load_encoder(path: str):
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not an ijepa_jax export (expected format {EXPORT_FORMAT!r}).")
     info = payload["model"]
-    model_config = ml_collections.ConfigDict(
-        dict(name=info["name"], patch_size=info["patch_size"], dtype="float32", scan_layers=False,
-             remat=False, attention_impl="")
-    )
-    return vit.make_encoder(model_config), payload["params"], info
+    return unrolled_encoder(info["name"], info["patch_size"]), payload["params"], info
 
 
 # ----------------------------------------------------------------------------

@@ -81,6 +81,27 @@ def default_config() -> ml_collections.ConfigDict:
         init_from="",  # a workdir to take the weights from (fresh optimizer and step)
         export_at_end=True,  # write WORKDIR/target_encoder.msgpack when the run completes
     )
+    c.eval = dict(
+        train_split="train",  # labelled split the probes and k-NN learn from
+        test_split="test",  # held-out split they are scored on ('val' for ImageNet folders)
+        image_size=-1,  # evaluation crop (resize shorter side, centre crop); -1: the encoder's crop size
+        batch_size=256,
+        train_samples_per_class=0,  # > 0: a class-balanced subset of the training split
+        test_samples_per_class=0,
+        knn_k=20,
+        knn_temperature=0.07,
+        probe_lrs=(0.01, 0.1, 1.0),
+        probe_weight_decays=(0.0, 5e-4),
+        probe_epochs=50,
+        probe_batch_size=1024,
+        lowshot_per_class=(1, 5, 10),
+        lowshot_seeds=3,
+        lowshot_variant="last4_bn",
+        every_epochs=0,  # > 0: monitor feature quality during pretraining every E epochs
+        monitor_protocols="knn",  # 'knn' and/or 'linear'
+        monitor_train_samples_per_class=50,
+        monitor_test_samples_per_class=10,
+    )
     c.optim = dict(
         epochs=300,
         warmup_epochs=40,
@@ -111,6 +132,7 @@ def reference_recipe(model_name: str, patch_size: int, crop_size: int, epochs: i
     c.model.update(name=model_name, patch_size=patch_size, pred_depth=12, pred_width=384)
     c.model.update(dtype="bfloat16", scan_layers=True)
     c.data.update(source="folder", crop_size=crop_size, crop_scale=(0.3, 1.0), batch_size=2048, num_workers=16)
+    c.eval.test_split = "val"
     c.mask.mode = "reference"
     c.optim.update(epochs=epochs, warmup_epochs=40, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
@@ -169,6 +191,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
     if not 0 <= o.ema[0] <= o.ema[1] <= 1:
         raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
+    e = config.eval
+    if e.lowshot_variant not in ("last", "last_bn", "last4", "last4_bn"):
+        raise ValueError(f"eval.lowshot_variant={e.lowshot_variant!r}; use last, last_bn, last4 or last4_bn.")
+    if e.every_epochs < 0 or e.knn_k < 1 or e.batch_size < 1:
+        raise ValueError("eval.every_epochs must be >= 0, eval.knn_k and eval.batch_size >= 1.")
     k = config.checkpoint
     if k.every_steps < 0 or k.keep < 1 or k.keep_every_epochs < 0:
         raise ValueError(

@@ -51,6 +51,18 @@ class MetricsWriter:
         self._tb.flush()
         print(self._progress_line(step, record), flush=True)
 
+    def write_eval(self, step: int, metrics: dict) -> None:
+        """A record of evaluation results ('eval/...' keys) at `step`, written beside the training ones."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, _to_python(v), step)
+        self._tb.flush()
+        print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"), flush=True)
+
     def _progress_line(self, step: int, record: dict) -> str:
         now = time.time()
         if self._first_step is None:

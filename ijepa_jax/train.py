@@ -192,6 +192,12 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
         writer.write(done, last)
         window.update(step=done, time=now)
 
+    monitor = None
+    if config.eval.every_epochs > 0:
+        from ijepa_jax import evaluate  # only runs that monitor need the evaluation code
+
+        m = config.model
+        monitor = evaluate.Monitor(config, exp.mesh, m.name, m.patch_size, config.data.crop_size)
     in_flight = None
     with checkpoint.PreemptionWatcher(manager) as preemption:
         for step in range(start, total_steps):
@@ -205,6 +211,10 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
             if preempted or done == total_steps or checkpoint.is_due(done, config.checkpoint, steps_per_epoch):
                 save_blocked_s = checkpoint.save(manager, done, state, data_state, config)
                 window["time"] += save_blocked_s  # throughput excludes checkpointing
+            if monitor is not None and done % (config.eval.every_epochs * steps_per_epoch) == 0:
+                t = time.time()
+                writer.write_eval(done, monitor(state.target_params))
+                window["time"] += time.time() - t  # throughput excludes evaluation
             if preempted:
                 on_step_done(*in_flight)
                 in_flight = None

@@ -1,0 +1,107 @@
+"""Frozen-encoder features: centre-cropped images -> average-pooled tokens of the last layers.
+
+Features are extracted once per (encoder, dataset, split, image size),
+batched, jit-compiled and sharded over the batch axis, and cached as .npz so
+that every probe, k-NN and low-shot run afterwards costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ijepa_jax import sharding
+from ijepa_jax.data import transforms
+from ijepa_jax.models import vit
+from ijepa_jax.step import normalize
+
+NUM_LAYERS = 4  # the paper's "last 4 layers" probe
+
+
+def pooled_layer_features(encoder: vit.Encoder, params, images: jax.Array, num_layers: int = NUM_LAYERS):
+    """(B, H, W, 3) normalised images -> (B, num_layers, D): the mean over tokens of each of the
+    last `num_layers` blocks' outputs, each passed through the encoder's final LayerNorm (as the
+    last layer is), the last entry being the encoder's own output. Needs an unrolled encoder."""
+    out, state = encoder.apply(
+        {"params": params},
+        images,
+        capture_intermediates=lambda module, _: isinstance(module, vit.Block),
+        mutable=["intermediates"],
+    )
+    blocks = state["intermediates"]["stack"]
+    depth = len(blocks)
+    final_norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)
+    layers = []
+    for i in range(max(depth - num_layers, 0), depth - 1):  # shallower models give what they have
+        x = blocks[f"blocks_{i}"]["__call__"][0][0]
+        layers.append(final_norm.apply({"params": params["norm"]}, x).mean(axis=1))
+    layers.append(out.mean(axis=1))
+    return jnp.stack(layers, axis=1).astype(jnp.float32)
+
+
+class CentreCrop(grain.transforms.Map):
+    def __init__(self, size: int):
+        self.size = size
+
+    def map(self, element):
+        return {"image": transforms.center_crop(element["image"], self.size), "label": np.int32(element["label"])}
+
+
+def make_extractor(encoder: vit.Encoder, mean, std, mesh):
+    """A jitted (params, uint8 images) -> pooled features, batch-sharded over `mesh`."""
+
+    def extract(params, images):
+        return pooled_layer_features(encoder, params, normalize(images, mean, std))
+
+    return jax.jit(
+        extract,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+
+
+def extract_features(extractor, params, source, image_size: int, batch_size: int, mesh, name: str = "") -> tuple:
+    """(features (N, L, D) float32, labels (N,) int32) for every record of `source`, in order."""
+    ds = grain.MapDataset.source(source).map(CentreCrop(image_size)).batch(batch_size, drop_remainder=False)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
+    features, labels = [], []
+    t0, done, num_batches = time.time(), 0, -(-len(source) // batch_size)
+    for i, batch in enumerate(it):
+        n = len(batch["label"])
+        images = batch["image"]
+        if n < batch_size:  # one static shape: pad the last batch, drop the padding after
+            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
+        out = extractor(params, sharding.put_batch(images, mesh))
+        features.append(np.asarray(out)[:n])
+        labels.append(batch["label"])
+        done += n
+        if jax.process_index() == 0 and (i + 1) % 20 == 0 or i + 1 == num_batches:
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f"features {name}: {i + 1}/{num_batches} batches, {rate:.0f} img/s", flush=True)
+    return np.concatenate(features), np.concatenate(labels).astype(np.int32)
+
+
+def cache_key(**parts) -> str:
+    """A short stable name for what determines a feature set."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached(path: str, compute) -> tuple:
+    """Load (features, labels) from `path`, or compute and save them (atomically). Returns (f, y, hit)."""
+    if os.path.exists(path):
+        with np.load(path) as z:
+            return z["features"], z["labels"], True
+    features, labels = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, features=features, labels=labels)
+    os.replace(tmp, path)
+    return features, labels, False

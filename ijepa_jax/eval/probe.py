@@ -1,0 +1,142 @@
+"""Linear probes on cached features, a whole hyper-parameter sweep trained at once.
+
+Every (lr, weight decay) pair is one head; all heads train together in one
+jitted loop (SGD, momentum 0.9, cosine lr, L2 weight decay, cross-entropy),
+so a sweep costs about as much as one probe. The protocol: choose the pair on
+a held-out 10% of the training features, retrain it on all of them, report
+top-1 / top-5 on the test split. The optional BatchNorm without affine
+parameters before the head is applied with the training set's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ijepa_jax.data.sources import select_indices
+from ijepa_jax.eval.knn import topk_accuracy
+
+VARIANTS = ("last", "last_bn", "last4", "last4_bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    lrs: tuple = (0.01, 0.1, 1.0)
+    weight_decays: tuple = (0.0, 5e-4)
+    epochs: int = 50
+    batch_size: int = 1024
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, eval_config) -> "ProbeSettings":
+        e = eval_config
+        return cls(tuple(e.probe_lrs), tuple(e.probe_weight_decays), e.probe_epochs, e.probe_batch_size)
+
+
+def select_variant(features: np.ndarray, variant: str) -> np.ndarray:
+    """(N, L, D) per-layer features -> (N, F) for one probe variant ('_bn' is applied separately)."""
+    base = variant.removesuffix("_bn")
+    if base == "last":
+        return features[:, -1]
+    if base == "last4":
+        return features[:, -4:].reshape(len(features), -1)
+    raise ValueError(f"unknown probe variant {variant!r}; choose from {VARIANTS}")
+
+
+class Standardize:
+    """BatchNorm without affine, with statistics fixed from the training features."""
+
+    def __init__(self, train_x: np.ndarray, enabled: bool):
+        self.mean = train_x.mean(0) if enabled else 0.0
+        self.std = np.sqrt(train_x.var(0) + 1e-6) if enabled else 1.0
+
+    def __call__(self, x):
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
+def _train_heads(x, y, lrs, wds, key, *, num_classes: int, epochs: int, batch_size: int):
+    """Heads (H, F, C), (H, C) trained jointly; lrs / wds: (H,)."""
+    n, f = x.shape
+    h = lrs.shape[0]
+    steps_per_epoch = max(n // batch_size, 1)
+    total = epochs * steps_per_epoch
+    params = (jnp.zeros((h, f, num_classes)), jnp.zeros((h, num_classes)))
+    velocity = jax.tree.map(jnp.zeros_like, params)
+
+    def loss(p, xb, yb):
+        logits = jnp.einsum("bf,hfc->hbc", xb, p[0]) + p[1][:, None]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[None, :, None], axis=-1).mean(axis=(1, 2))
+        return ce.sum()  # heads are independent: the sum's gradient is each head's own
+
+    def step(carry, i):
+        p, v, key = carry
+        key, sub = jax.random.split(key)
+        idx = jax.random.choice(sub, n, (min(batch_size, n),), replace=False)
+        g = jax.grad(loss)(p, x[idx], y[idx])
+        scale = 0.5 * (1 + jnp.cos(jnp.pi * i / total))
+        g = (g[0] + wds[:, None, None] * p[0], g[1])
+        v = jax.tree.map(lambda vv, gg: 0.9 * vv + gg, v, g)
+        p = (p[0] - (lrs * scale)[:, None, None] * v[0], p[1] - (lrs * scale)[:, None] * v[1])
+        return (p, v, key), None
+
+    (params, _, _), _ = jax.lax.scan(step, (params, velocity, key), jnp.arange(total))
+    return params
+
+
+def _predict(params, x) -> np.ndarray:
+    return np.asarray(jnp.einsum("bf,hfc->hbc", x, params[0]) + params[1][:, None])
+
+
+def train_and_score(train_x, train_y, test_x, test_y, num_classes, grid, settings: ProbeSettings) -> list[dict]:
+    """One head per (lr, wd) in `grid`, trained on train, scored on test."""
+    lrs = jnp.asarray([g[0] for g in grid], jnp.float32)
+    wds = jnp.asarray([g[1] for g in grid], jnp.float32)
+    params = _train_heads(
+        jnp.asarray(train_x), jnp.asarray(train_y), lrs, wds, jax.random.key(settings.seed),
+        num_classes=num_classes, epochs=settings.epochs, batch_size=settings.batch_size,
+    )
+    scores = _predict(params, jnp.asarray(test_x))
+    return [
+        {"lr": float(lr), "weight_decay": float(wd), "top1": topk_accuracy(s, test_y, 1),
+         "top5": topk_accuracy(s, test_y, 5)}
+        for (lr, wd), s in zip(grid, scores)
+    ]
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, variant: str, settings: ProbeSettings) -> dict:
+    """The sweep for one variant: choose (lr, wd) on held-out train features, retrain on all, test."""
+    bn = variant.endswith("_bn")
+    x, xt = select_variant(train_f, variant), select_variant(test_f, variant)
+    perm = np.random.default_rng(settings.seed).permutation(len(x))
+    n_val = max(int(len(x) * settings.val_fraction), 1)
+    val, fit = perm[:n_val], perm[n_val:]
+    norm = Standardize(x[fit], bn)
+    grid = list(itertools.product(settings.lrs, settings.weight_decays))
+    sweep = train_and_score(norm(x[fit]), train_y[fit], norm(x[val]), train_y[val], num_classes, grid, settings)
+    best = max(sweep, key=lambda r: r["top1"])
+    norm = Standardize(x, bn)
+    final = train_and_score(norm(x), train_y, norm(xt), test_y, num_classes,
+                            [(best["lr"], best["weight_decay"])], settings)[0]
+    return {**final, "val_top1": best["top1"], "sweep": sweep}
+
+
+def low_shot(train_f, train_y, test_f, test_y, num_classes: int, per_class: int, seeds: int, variant: str,
+             lr: float, weight_decay: float, settings: ProbeSettings) -> dict:
+    """The probe on `per_class` labelled images of each class, averaged over `seeds` balanced draws."""
+    x, xt = select_variant(train_f, variant), select_variant(test_f, variant)
+    top1 = []
+    for seed in range(seeds):
+        idx = select_indices(train_y, per_class, seed=seed)
+        norm = Standardize(x[idx], variant.endswith("_bn"))
+        run = dataclasses.replace(settings, seed=seed, batch_size=min(settings.batch_size, len(idx)))
+        top1.append(train_and_score(norm(x[idx]), train_y[idx], norm(xt), test_y, num_classes,
+                                    [(lr, weight_decay)], run)[0]["top1"])
+    return {"per_class": per_class, "top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1)),
+            "top1_per_seed": top1, "variant": variant, "lr": lr, "weight_decay": weight_decay}

@@ -1,0 +1,257 @@
+"""Frozen-feature evaluation of the TARGET encoder: linear probe, k-NN, low-shot.
+
+    python -m ijepa_jax.evaluate --config configs/cifar100.py:vit_tiny --workdir runs/c100 [--step N]
+    python -m ijepa_jax.evaluate --config configs/cifar100.py:vit_tiny --encoder encoder.msgpack
+
+The dataset and protocol settings come from `--config` (`data.*`, `eval.*`),
+the architecture from the checkpoint or exported file. Every protocol also
+runs on a randomly initialised encoder of the same architecture (the
+baseline; `--baseline=false` skips it). Results go to OUT/results.json and
+TensorBoard scalars to OUT/tensorboard, OUT being WORKDIR/eval by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ijepa_jax import checkpoint, sharding
+from ijepa_jax.data import sources
+from ijepa_jax.eval import features as features_lib
+from ijepa_jax.eval import knn, probe
+
+PROTOCOLS = ("linear", "knn", "lowshot")
+
+
+@dataclasses.dataclass
+class EncoderUnderTest:
+    tag: str  # names the feature cache and the results
+    encoder: object  # unrolled float32 vit.Encoder
+    params: object
+    patch_size: int
+    crop_size: int
+
+
+def from_workdir(workdir: str, step: int | None = None) -> EncoderUnderTest:
+    params, config, step = checkpoint.restore_target_encoder(workdir, step)
+    encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
+    return EncoderUnderTest(f"step{step}", encoder, params, config.model.patch_size, config.data.crop_size)
+
+
+def from_export(path: str) -> EncoderUnderTest:
+    encoder, params, info = checkpoint.load_encoder(path)
+    tag = "export_" + features_lib.cache_key(path=os.path.abspath(path), mtime=os.path.getmtime(path))
+    return EncoderUnderTest(tag, encoder, params, info["patch_size"], info["crop_size"])
+
+
+def random_init(like: EncoderUnderTest, seed: int) -> EncoderUnderTest:
+    """An encoder of the same architecture at its reference initialisation."""
+    params = like.encoder.init(jax.random.key(seed), np.zeros((1, like.crop_size, like.crop_size, 3), np.float32))
+    return dataclasses.replace(like, tag=f"random_seed{seed}", params=params["params"])
+
+
+def eval_sources(config, test_samples_per_class: int | None = None, train_samples_per_class: int | None = None):
+    """(train, test) sources of the evaluation splits, subset as `eval.*_samples_per_class` say."""
+    e = config.eval
+    out = []
+    for split, per_class in (
+        (e.train_split, e.train_samples_per_class if train_samples_per_class is None else train_samples_per_class),
+        (e.test_split, e.test_samples_per_class if test_samples_per_class is None else test_samples_per_class),
+    ):
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        data.max_samples_per_class = per_class
+        out.append(sources.make_source(data, split=split, seed=config.seed))
+    return tuple(out)
+
+
+def image_size_for(config, enc: EncoderUnderTest) -> int:
+    size = config.eval.image_size if config.eval.image_size > 0 else enc.crop_size
+    if size % enc.patch_size:
+        raise ValueError(
+            f"eval.image_size={size} is not divisible by the encoder's patch size {enc.patch_size}: images are "
+            f"resized (shorter side) and centre-cropped to this size; set --config.eval.image_size to a multiple "
+            f"of {enc.patch_size}, e.g. {size // enc.patch_size * enc.patch_size or enc.patch_size}."
+        )
+    return size
+
+
+def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: str | None, mesh, extractor=None):
+    """(features (N, 4, D), labels, from_cache) of one split, computed once and cached."""
+    size = image_size_for(config, enc)
+    batch = config.eval.batch_size
+    batch += (-batch) % jax.device_count()
+    extractor = extractor or features_lib.make_extractor(enc.encoder, config.data.mean, config.data.std, mesh)
+    compute = lambda: features_lib.extract_features(  # noqa: E731
+        extractor, enc.params, source, size, batch, mesh, name=f"{enc.tag} {split}"
+    )
+    if cache_dir is None:
+        return (*compute(), False)
+    d = config.data
+    key = features_lib.cache_key(
+        source=d.source, root=d.root, tfds=d.tfds_name, classes=d.classes, split=split, size=size,
+        n=len(source), mean=list(d.mean), std=list(d.std), seed=config.seed,
+    )
+    return features_lib.cached(os.path.join(cache_dir, f"{enc.tag}_{split}_{key}.npz"), compute)
+
+
+def run_protocols(config, train, test, num_classes: int, protocols) -> dict:
+    """Every requested protocol on cached (features, labels) pairs; each result carries its wall time."""
+    e = config.eval
+    (train_f, train_y), (test_f, test_y) = train, test
+    settings = probe.ProbeSettings.from_config(e)
+    results = {}
+    if "knn" in protocols:
+        t = time.time()
+        results["knn"] = knn.knn_classify(train_f[:, -1], train_y, test_f[:, -1], test_y, num_classes,
+                                          k=e.knn_k, temperature=e.knn_temperature)
+        results["knn"]["seconds"] = time.time() - t
+    if "linear" in protocols:
+        results["linear"] = {}
+        for variant in probe.VARIANTS:
+            t = time.time()
+            results["linear"][variant] = probe.linear_probe(train_f, train_y, test_f, test_y, num_classes,
+                                                            variant, settings)
+            results["linear"][variant]["seconds"] = time.time() - t
+    if "lowshot" in protocols:
+        chosen = results.get("linear", {}).get(e.lowshot_variant)
+        lr = chosen["lr"] if chosen else settings.lrs[len(settings.lrs) // 2]
+        wd = chosen["weight_decay"] if chosen else settings.weight_decays[0]
+        results["lowshot"] = {}
+        for n in e.lowshot_per_class:
+            t = time.time()
+            r = probe.low_shot(train_f, train_y, test_f, test_y, num_classes, n, e.lowshot_seeds,
+                               e.lowshot_variant, lr, wd, settings)
+            results["lowshot"][f"{n}_per_class"] = {**r, "seconds": time.time() - t}
+    return results
+
+
+def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -> dict:
+    """Features of both splits (cached under out_dir), then every protocol."""
+    mesh = sharding.make_mesh()
+    train_src, test_src = eval_sources(config)
+    cache_dir = os.path.join(out_dir, "feature_cache")
+    t = time.time()
+    extractor = features_lib.make_extractor(enc.encoder, config.data.mean, config.data.std, mesh)
+    train_f, train_y, hit_a = features_of(config, enc, train_src, config.eval.train_split, cache_dir, mesh, extractor)
+    test_f, test_y, hit_b = features_of(config, enc, test_src, config.eval.test_split, cache_dir, mesh, extractor)
+    extraction_s = time.time() - t
+    results = run_protocols(config, (train_f, train_y), (test_f, test_y), len(train_src.class_names), protocols)
+    results["features"] = {
+        "train_images": len(train_y), "test_images": len(test_y), "classes": len(train_src.class_names),
+        "dim": int(train_f.shape[-1]), "image_size": image_size_for(config, enc), "seconds": extraction_s,
+        "from_cache": bool(hit_a and hit_b),
+    }
+    return results
+
+
+def summary_rows(results: dict) -> dict:
+    """Flat {name: top-1} for tables and TensorBoard."""
+    rows = {}
+    if "knn" in results:
+        rows[f"knn_k{results['knn']['k']}"] = results["knn"]["top1"]
+    for variant, r in results.get("linear", {}).items():
+        rows[f"linear_{variant}"] = r["top1"]
+    for name, r in results.get("lowshot", {}).items():
+        rows[f"lowshot_{name}"] = r["top1_mean"]
+    return rows
+
+
+def format_table(all_results: dict) -> str:
+    names = list(all_results)
+    rows = {n: summary_rows(r) for n, r in all_results.items()}
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    lines = [f"{'top-1 (%)':<26}" + "".join(f"{n:>14}" for n in names)]
+    for k in keys:
+        lines.append(f"{k:<26}" + "".join(f"{100 * rows[n].get(k, float('nan')):>14.2f}" for n in names))
+    return "\n".join(lines)
+
+
+class Monitor:
+    """k-NN (and optionally a quick linear probe) on subsets, during pretraining, from the live target params."""
+
+    def __init__(self, config, mesh, model_name: str, patch_size: int, crop_size: int):
+        e = config.eval
+        self.config, self.mesh = config, mesh
+        self.train_src, self.test_src = eval_sources(config, e.monitor_test_samples_per_class,
+                                                     e.monitor_train_samples_per_class)
+        encoder = checkpoint.unrolled_encoder(model_name, patch_size)
+        self.enc = EncoderUnderTest("monitor", encoder, None, patch_size, crop_size)
+        self.extractor = features_lib.make_extractor(encoder, config.data.mean, config.data.std, mesh)
+        self.protocols = tuple(p for p in e.monitor_protocols.split(",") if p)
+
+    def __call__(self, target_params) -> dict:
+        enc = dataclasses.replace(self.enc, params=checkpoint.unstack_blocks(target_params))
+        split = lambda src, name: features_of(self.config, enc, src, name, None, self.mesh, self.extractor)  # noqa: E731
+        train_f, train_y, _ = split(self.train_src, self.config.eval.train_split)
+        test_f, test_y, _ = split(self.test_src, self.config.eval.test_split)
+        results = run_protocols(self.config, (train_f, train_y), (test_f, test_y),
+                                len(self.train_src.class_names), self.protocols)
+        return {f"eval/{k}": v for k, v in summary_rows(results).items()}
+
+
+def write_results(out_dir: str, all_results: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(all_results, f, indent=2)
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(os.path.join(out_dir, "tensorboard")) as tb:
+        for name, results in all_results.items():
+            for key, value in summary_rows(results).items():
+                tb.add_scalar(f"eval/{name}/{key}", value, 0)
+    return path
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        config = FLAGS.config
+        if bool(FLAGS.workdir) == bool(FLAGS.encoder):
+            raise ValueError("Give exactly one of --workdir (a pretraining run) or --encoder (an exported file).")
+        enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step) if FLAGS.workdir else from_export(
+            FLAGS.encoder
+        )
+        out_dir = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.encoder)), "eval")
+        protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
+        unknown = set(protocols) - set(PROTOCOLS)
+        if unknown:
+            raise ValueError(f"--protocols: unknown {sorted(unknown)}; choose from {PROTOCOLS}.")
+        candidates = {enc.tag: enc}
+        if FLAGS.baseline:
+            baseline = random_init(enc, config.seed)
+            candidates[baseline.tag] = baseline
+        all_results = {}
+        for name, candidate in candidates.items():
+            print(f"== {name}", flush=True)
+            all_results[name] = evaluate(config, candidate, out_dir, protocols)
+            print(format_table({name: all_results[name]}), flush=True)
+        path = write_results(out_dir, all_results)
+        print(format_table(all_results))
+        print(f"wrote {path}")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file (data and eval settings), CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_string("workdir", "", "A pretraining run's --workdir (its latest checkpoint, or --step).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
+    flags.DEFINE_string("encoder", "", "An exported encoder (tools/export_encoder) instead of --workdir.")
+    flags.DEFINE_string("protocols", ",".join(PROTOCOLS), "Comma-separated: linear, knn, lowshot.")
+    flags.DEFINE_bool("baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.")
+    flags.DEFINE_string("out", "", "Output folder (default WORKDIR/eval).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
