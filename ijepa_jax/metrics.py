@@ -39,29 +39,29 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
-        """Log the metrics of `step` (1-based count of completed steps)."""
+        """Log the training metrics of `step` (1-based count of completed steps)."""
+        record = self._append(step, metrics, tb_prefix="train/")
+        if record:
+            print(self._progress_line(step, record), flush=True)
+
+    def write_eval(self, step: int, metrics: dict) -> None:
+        """Log evaluation results ('eval/...' keys) at `step`, beside the training records."""
+        record = self._append(step, metrics, tb_prefix="")
+        if record:
+            print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+    def _append(self, step: int, metrics: dict, tb_prefix: str) -> dict | None:
+        """One JSON line and its TensorBoard scalars, flushed at once; None on processes that do not write."""
         if not self.enabled:
-            return
+            return None
         record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"train/{k}", v, step)
+                self._tb.add_scalar(tb_prefix + k, v, step)
         self._tb.flush()
-        print(self._progress_line(step, record), flush=True)
-
-    def write_eval(self, step: int, metrics: dict) -> None:
-        """A record of evaluation results ('eval/...' keys) at `step`, written beside the training ones."""
-        if not self.enabled:
-            return
-        record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for k, v in metrics.items():
-            self._tb.add_scalar(k, _to_python(v), step)
-        self._tb.flush()
-        print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"), flush=True)
+        return record
 
     def _progress_line(self, step: int, record: dict) -> str:
         now = time.time()

@@ -208,16 +208,18 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
             in_flight = (step + 1, metrics)
             done = step + 1
             preempted = preemption.requested(done)
-            if preempted or done == total_steps or checkpoint.is_due(done, config.checkpoint, steps_per_epoch):
-                save_blocked_s = checkpoint.save(manager, done, state, data_state, config)
-                window["time"] += save_blocked_s  # throughput excludes checkpointing
-            if monitor is not None and done % (config.eval.every_epochs * steps_per_epoch) == 0:
-                t = time.time()
-                writer.write_eval(done, monitor(state.target_params))
-                window["time"] += time.time() - t  # throughput excludes evaluation
-            if preempted:
-                on_step_done(*in_flight)
+            save_due = preempted or done == total_steps or checkpoint.is_due(done, config.checkpoint, steps_per_epoch)
+            eval_due = monitor is not None and done % (config.eval.every_epochs * steps_per_epoch) == 0
+            if save_due or eval_due:
+                on_step_done(*in_flight)  # close this step's timing before pausing the loop
                 in_flight = None
+                t = time.time()
+                if save_due:
+                    save_blocked_s = checkpoint.save(manager, done, state, data_state, config)
+                if eval_due:
+                    writer.write_eval(done, monitor(state.target_params))
+                window["time"] += time.time() - t  # throughput excludes checkpointing and evaluation
+            if preempted:
                 manager.wait_until_finished()
                 print(f"preempted: saved step {done}; run the same command again to resume.", flush=True)
                 break

@@ -1,0 +1,24 @@
+"""plot_metrics turns metrics.jsonl into a PNG with one panel per quantity."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from ijepa_jax.tools import plot_metrics
+
+
+def test_plots_training_and_eval_records(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "wd": 0.04, "momentum": 0.996, "img_per_s": 50.0}
+               for s in range(1, 11)]
+    records.append({"step": 10, "eval/knn_k20": 0.3, "eval/linear_last4_bn": 0.4})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = plot_metrics.plot(plot_metrics.read_records(str(tmp_path)), str(tmp_path / "m.png"))
+    width, height = Image.open(out).size
+    assert width > 1000 and height > 500  # 6 panels in 2 rows of 3
+    assert plot_metrics.series(records, "eval/knn_k20") == ([10], [0.3])
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No metrics.jsonl"):
+        plot_metrics.read_records(str(tmp_path))
