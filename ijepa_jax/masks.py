@@ -54,7 +54,7 @@ class MaskSpec:
     context_tokens: int = -1  # K; -1: resolve with `auto_context_tokens`
 
     @classmethod
-    def from_config(cls, config, context_tokens: int | None = None) -> "MaskSpec":
+    def from_config(cls, config) -> "MaskSpec":
         """From the full config (`config.data.crop_size`, `config.model.patch_size`, `config.mask`)."""
         grid = config.data.crop_size // config.model.patch_size
         m = config.mask
@@ -69,7 +69,7 @@ class MaskSpec:
             min_keep=m.min_keep,
             allow_overlap=m.allow_overlap,
             mode=m.mode,
-            context_tokens=m.context_tokens if context_tokens is None else context_tokens,
+            context_tokens=m.context_tokens,
         )
 
     @property

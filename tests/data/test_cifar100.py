@@ -12,7 +12,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import small_config
 
 from ijepa_jax.data import sources
 
