@@ -37,6 +37,18 @@ ARCHITECTURE_KEYS = (
     "model.scan_layers",
     "data.crop_size",
 )
+# Entries that shape the data stream or the schedules: a change makes a resume inexact (warned about).
+STREAM_KEYS = (
+    "seed",
+    "data.source",
+    "data.batch_size",
+    "data.max_samples_per_class",
+    "data.crop_scale",
+    "optim.epochs",
+    "optim.ipe_scale",
+    "mask.mode",
+    "mask.context_tokens",
+)
 EXPORT_FORMAT = "ijepa_jax.target_encoder.v1"
 
 
@@ -103,10 +115,23 @@ def check_compatible(saved: dict, config, where: str) -> None:
         )
 
 
+def warn_inexact_resume(saved: dict, config) -> None:
+    """Changing these between save and resume is allowed, but the continuation is no longer exact."""
+    for key in STREAM_KEYS:
+        section, _, name = key.rpartition(".")
+        theirs = saved.get(section, {}).get(name) if section else saved.get(name)
+        ours = config[section][name] if section else config[name]
+        if isinstance(ours, tuple):
+            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+        if theirs != ours:
+            logging.warning("resuming with %s=%r (the checkpoint had %r): not an exact continuation", key, ours, theirs)
+
+
 def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
     """(state, data_state) of `step`, with the state placed as `abstract_state`'s shardings say."""
     saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     check_compatible(saved_config, config, where)
+    warn_inexact_resume(saved_config, config)
     try:
         restored = manager.restore(
             step,
@@ -116,8 +141,8 @@ def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
         )
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise ValueError(
-            f"Checkpoint step {step} in {where} cannot be read ({type(e).__name__}: {e}). Delete that step's "
-            "folder to resume from the one before, or choose one with --config.checkpoint.restore_step."
+            f"Checkpoint step {step} in {where} cannot be read ({type(e).__name__}: {e}). Move that step's "
+            "folder out of checkpoints/ to resume from the one before."
         ) from e
     return restored["state"], restored["data"]
 

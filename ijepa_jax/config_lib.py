@@ -161,6 +161,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
     if m.attention_impl not in ("", "xla", "cudnn"):
         raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
+    if m.attention_impl == "cudnn" and m.dtype == "float32":
+        raise ValueError("model.attention_impl='cudnn' needs model.dtype=bfloat16 or float16.")
     if d.source not in SOURCES:
         raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}.")
     if d.source == "tfds" and not d.tfds_name:
@@ -196,6 +198,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"eval.lowshot_variant={e.lowshot_variant!r}; use last, last_bn, last4 or last4_bn.")
     if e.every_epochs < 0 or e.knn_k < 1 or e.batch_size < 1:
         raise ValueError("eval.every_epochs must be >= 0, eval.knn_k and eval.batch_size >= 1.")
+    unknown = [p for p in e.monitor_protocols.split(",") if p and p not in ("knn", "linear")]
+    if unknown or (e.every_epochs and not e.monitor_protocols):
+        raise ValueError(f"eval.monitor_protocols={e.monitor_protocols!r}: use 'knn', 'linear' or 'knn,linear'.")
+    if config.mask.auto_context_batch < 1:
+        raise ValueError(f"mask.auto_context_batch={config.mask.auto_context_batch} must be >= 1.")
     k = config.checkpoint
     if k.every_steps < 0 or k.keep < 1 or k.keep_every_epochs < 0:
         raise ValueError(

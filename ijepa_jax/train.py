@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,7 @@ class Experiment:
     source: object
     steps_per_epoch: int
     total_steps: int
-    state: step_lib.TrainState  # freshly initialised
+    init: Callable[[], step_lib.TrainState]  # a fresh, sharded state (built only when a run starts fresh)
     abstract_state: step_lib.TrainState  # shapes, dtypes and shardings: what a checkpoint restores into
     train_step: object  # jitted (state, batch) -> (state, metrics)
 
@@ -84,11 +86,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sharding
     )
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    fresh_state = functools.partial(jax.jit(init, out_shardings=state_sharding), rng)
     train_step = step_lib.jit_train_step(
         models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
     )
-    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, state, abstract_state, train_step)
+    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, fresh_state, abstract_state, train_step)
 
 
 def train_batches(exp: Experiment, data_state: dict | None = None):
@@ -106,11 +108,17 @@ def train_batches(exp: Experiment, data_state: dict | None = None):
 def initial_state(exp: Experiment, manager, workdir: str):
     """(state, data_state): the checkpoint to resume, weights to start from, or a fresh start."""
     ckpt = exp.config.checkpoint
-    steps = manager.all_steps()
+    steps = sorted(manager.all_steps())
     if ckpt.restore_step >= 0 and ckpt.restore_step not in steps:
         raise ValueError(
-            f"checkpoint.restore_step={ckpt.restore_step}, but {checkpoint.checkpoint_dir(workdir)} "
-            f"holds steps {sorted(steps)}."
+            f"checkpoint.restore_step={ckpt.restore_step}, but {checkpoint.checkpoint_dir(workdir)} holds steps {steps}."
+        )
+    newer = [s for s in steps if s > ckpt.restore_step] if ckpt.restore_step >= 0 else []
+    if newer:
+        # Continuing would collide with (and later resume from) the newer steps; never delete work silently.
+        raise ValueError(
+            f"checkpoint.restore_step={ckpt.restore_step} is older than steps {newer} in "
+            f"{checkpoint.checkpoint_dir(workdir)}; move those folders out of it first, then re-run."
         )
     step = ckpt.restore_step if ckpt.restore_step >= 0 else manager.latest_step()
     if step is not None:
@@ -125,14 +133,17 @@ def initial_state(exp: Experiment, manager, workdir: str):
     if ckpt.init_from:
         params, target_params = checkpoint.restore_weights(ckpt.init_from, exp.abstract_state, exp.config)
         print(f"initialised weights from {ckpt.init_from}", flush=True)
-        return exp.state.replace(params=params, target_params=target_params), None
-    return exp.state, None
+        return exp.init().replace(params=params, target_params=target_params), None
+    return exp.init(), None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining in `workdir`; returns the metrics of the last step."""
-    if not workdir:
-        raise ValueError("--workdir is required: the folder for config, metrics and checkpoints.")
+    if not workdir or "://" in workdir:
+        raise ValueError(
+            f"--workdir={workdir!r}: give a filesystem path for config, metrics and checkpoints "
+            "(on several hosts, one that every host mounts, e.g. a gcsfuse or NFS mount)."
+        )
     exp = build(config)
     manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
     try:
@@ -242,7 +253,7 @@ def _check_finite(step: int, metrics) -> dict:
 def _print_summary(exp: Experiment) -> None:
     if jax.process_index() != 0:
         return
-    config, state, spec = exp.config, exp.state, exp.spec
+    config, state, spec = exp.config, exp.abstract_state, exp.spec
     print(
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}\n"
         f"model: {config.model.name}/{config.model.patch_size} at {config.data.crop_size}px, "

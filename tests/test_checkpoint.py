@@ -236,3 +236,14 @@ def test_load_encoder_rejects_files_that_are_not_exports(tmp_path):
         checkpoint.load_encoder(str(bad))
     with pytest.raises(FileNotFoundError):
         checkpoint.load_encoder(str(tmp_path / "missing.msgpack"))
+
+
+def test_restoring_an_older_step_with_newer_ones_present_is_refused(continuous_run):
+    """Nothing is deleted for the user: newer steps must be moved away before resuming from step 3."""
+    with pytest.raises(ValueError, match=r"restore_step=3 is older than steps \[6\]"):
+        train.train(small_config(total_steps=6, **{"checkpoint.restore_step": 3}), continuous_run)
+
+
+def test_a_url_workdir_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="filesystem path"):
+        train.train(small_config(total_steps=1), "gs://bucket/run")

@@ -153,3 +153,19 @@ def test_batch_must_divide_over_processes():
     c = small_config(**{"data.batch_size": 24})
     with pytest.raises(ValueError, match="not divisible by the 5 processes"):
         config_lib.validate(c, num_devices=8, num_processes=5)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"model.attention_impl": "cudnn"}, "bfloat16"),
+        ({"eval.every_epochs": 1, "eval.monitor_protocols": "knn,probe"}, "monitor_protocols"),
+        ({"mask.auto_context_batch": 0}, "auto_context_batch"),
+        ({"eval.lowshot_variant": "last8"}, "lowshot_variant"),
+    ],
+)
+def test_more_values_that_are_rejected_up_front(overrides, words):
+    from conftest import small_config
+
+    with pytest.raises(ValueError, match=words):
+        config_lib.validate(small_config(**overrides), num_devices=8)

@@ -9,6 +9,7 @@ random streams. Every host sees the same number of batches per epoch.
 from __future__ import annotations
 
 import collections
+import signal
 import grain
 import numpy as np
 
@@ -71,8 +72,15 @@ def pretrain_dataset(
     threads = data_config.num_threads
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
     if data_config.num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+        options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+        it = it.mp_prefetch(options, worker_init_fn=ignore_sigterm)
     return it
+
+
+def ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """Workers leave SIGTERM (sent to the whole job on preemption) to the main process, which saves first."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def prefetch_to_device(iterator, mesh, size: int):

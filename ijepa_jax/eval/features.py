@@ -64,7 +64,7 @@ def make_extractor(encoder: vit.Encoder, mean, std, mesh):
     return jax.jit(
         extract,
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=sharding.batch_sharding(mesh),
+        out_shardings=sharding.replicated(mesh),  # every process gets all features back (they are small)
     )
 
 
@@ -79,7 +79,9 @@ def extract_features(extractor, params, source, image_size: int, batch_size: int
         images = batch["image"]
         if n < batch_size:  # one static shape: pad the last batch, drop the padding after
             images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-        out = extractor(params, sharding.put_batch(images, mesh))
+        # Every process reads the same batch; each contributes its slice of the global array.
+        local = np.split(images, jax.process_count())[jax.process_index()]
+        out = extractor(params, sharding.put_batch(local, mesh))
         features.append(np.asarray(out)[:n])
         labels.append(batch["label"])
         done += n

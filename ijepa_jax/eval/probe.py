@@ -75,18 +75,24 @@ def _train_heads(x, y, lrs, wds, key, *, num_classes: int, epochs: int, batch_si
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[None, :, None], axis=-1).mean(axis=(1, 2))
         return ce.sum()  # heads are independent: the sum's gradient is each head's own
 
-    def step(carry, i):
-        p, v, key = carry
-        key, sub = jax.random.split(key)
-        idx = jax.random.choice(sub, n, (min(batch_size, n),), replace=False)
+    batch = min(batch_size, n)
+
+    def step(carry, i, perm):
+        p, v = carry
+        idx = jax.lax.dynamic_slice(perm, ((i % steps_per_epoch) * batch,), (batch,))
         g = jax.grad(loss)(p, x[idx], y[idx])
         scale = 0.5 * (1 + jnp.cos(jnp.pi * i / total))
         g = (g[0] + wds[:, None, None] * p[0], g[1])
         v = jax.tree.map(lambda vv, gg: 0.9 * vv + gg, v, g)
         p = (p[0] - (lrs * scale)[:, None, None] * v[0], p[1] - (lrs * scale)[:, None] * v[1])
-        return (p, v, key), None
+        return (p, v), None
 
-    (params, _, _), _ = jax.lax.scan(step, (params, velocity, key), jnp.arange(total))
+    def epoch(carry, e):
+        perm = jax.random.permutation(jax.random.fold_in(key, e), n)  # one shuffle per epoch
+        steps = e * steps_per_epoch + jnp.arange(steps_per_epoch)
+        return jax.lax.scan(lambda c, i: step(c, i, perm), carry, steps)[0], None
+
+    (params, _), _ = jax.lax.scan(epoch, (params, velocity), jnp.arange(epochs))
     return params
 
 

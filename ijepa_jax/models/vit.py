@@ -91,6 +91,8 @@ class Attention(nn.Module):
         qkv = dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         mask = None if key_mask is None else key_mask[:, None, None, :]
+        if mask is not None and self.implementation == "cudnn":
+            mask = jnp.broadcast_to(mask, (b, 1, n, n))  # cuDNN wants the full (query, key) shape
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return dense(d, name="proj")(out.reshape(b, n, d))
 

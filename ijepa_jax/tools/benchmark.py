@@ -56,10 +56,10 @@ def benchmark(config, steps: int, pipeline_batches: int, measure_checkpoint: boo
     batch, data_state = next(batches)
 
     t = time.perf_counter()
-    compiled = exp.train_step.lower(exp.state, batch).compile()
+    state = exp.init()
+    compiled = exp.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
 
-    state = exp.state
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
