@@ -201,7 +201,7 @@ def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
             if not name.endswith(".json") and "metadata" not in name:
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
-    with pytest.raises(ValueError, match="cannot be read.*restore_step"):
+    with pytest.raises(ValueError, match="cannot be read.*Move that step"):
         train.train(small_config(total_steps=4), str(tmp_path))
 
 
