@@ -46,8 +46,10 @@ def test_the_random_baseline_has_the_same_architecture_and_other_features(run, t
     enc = evaluate.from_workdir(run)
     rnd = evaluate.random_init(enc, seed=0)
     assert rnd.tag == "random_seed0" and rnd.patch_size == enc.patch_size
-    a = evaluate.features_of(config, enc, *evaluate.eval_sources(config)[:1], "train", None, evaluate.sharding.make_mesh())
-    b = evaluate.features_of(config, rnd, *evaluate.eval_sources(config)[:1], "train", None, evaluate.sharding.make_mesh())
+    train_src, _ = evaluate.eval_sources(config)
+    mesh = evaluate.sharding.make_mesh()
+    a = evaluate.features_of(config, enc, train_src, "train", None, mesh)
+    b = evaluate.features_of(config, rnd, train_src, "train", None, mesh)
     assert a[0].shape == b[0].shape and not (a[0] == b[0]).all()
 
 
