@@ -77,14 +77,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     schedules = optim.make_schedules(config.optim, steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedules)
     models = step_lib.make_models(config, config.data.crop_size // config.model.patch_size)
-    shapes = batch_shapes(config, spec)
-
-    init = lambda rng: step_lib.init_state(rng, models, tx, shapes)  # noqa: E731
+    init = functools.partial(step_lib.init_state, models=models, tx=tx, batch_shapes=batch_shapes(config, spec))
     rng = jax.random.key(config.seed)
-    shapes = jax.eval_shape(init, rng)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+    state_shapes = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state_shapes)
     abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sharding
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_sharding
     )
     fresh_state = functools.partial(jax.jit(init, out_shardings=state_sharding), rng)
     train_step = step_lib.jit_train_step(

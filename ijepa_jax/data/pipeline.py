@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import signal
+
 import grain
 import numpy as np
 
