@@ -24,6 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = -1  # > 0: stop after this many steps (schedules still span all epochs)
     c.log_every_steps = 10
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache; '' = $JAX_COMPILATION_CACHE_DIR, or off
 
     c.model = dict(
         name="vit_huge",
@@ -32,7 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
         pred_width=384,
         dtype="float32",  # compute dtype; parameters are always float32
         scan_layers=False,  # scan the block stack: compile time flat in depth
-        remat=False,  # rematerialise each block in the backward pass
+        remat=False,  # rematerialise each block in the backward pass (policy: remat_policy)
+        remat_policy="full",  # with remat: 'full' (save nothing), 'dots' (save matmul outputs), 'dots_no_batch'
+        residual_dtype="float32",  # residual stream dtype; 'bfloat16' halves activation memory (not the reference)
         attention_impl="",  # '' (XLA) or 'cudnn'
     )
     c.data = dict(
@@ -71,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
         allow_overlap=False,
         context_tokens=-1,  # K context tokens per image; -1: mean reference batch minimum
         auto_context_batch=128,  # per-GPU batch of the reference, for context_tokens=-1
+        pad_multiple=-1,  # round K and T up to a multiple of this (extra slots masked); -1: 8 for cuDNN, else 1
     )
     c.checkpoint = dict(
         every_steps=1000,  # save every N steps (0: only at the end and on preemption)
@@ -139,6 +143,32 @@ def reference_recipe(model_name: str, patch_size: int, crop_size: int, epochs: i
     return c
 
 
+def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
+    """Combinations jax's cuDNN fused attention cannot train with, caught before compiling.
+
+    jax turns a boolean mask into an additive bias and, in training, rejects
+    a bias when a sequence length is odd; head dims must be multiples of 8 and
+    at most 128 (256 on Hopper; we keep the portable bound).
+    """
+    m = config.model
+    if m.dtype == "float32":
+        raise ValueError("model.attention_impl='cudnn' needs model.dtype=bfloat16 or float16.")
+    embed_dim, _, heads, _ = vit.VIT_SIZES[m.name]
+    for what, width in (("encoder", embed_dim), ("predictor (model.pred_width)", m.pred_width)):
+        head_dim = width // heads
+        if head_dim % 8 or head_dim > 128:
+            raise ValueError(
+                f"model.attention_impl='cudnn': the {what} head dim {width}/{heads} = {head_dim} must be a "
+                "multiple of 8 and at most 128; use attention_impl='' (XLA) or another width."
+            )
+    pad = masks.resolve_pad_multiple(config)
+    if pad % 2:
+        raise ValueError(
+            f"model.attention_impl='cudnn' with mask.pad_multiple={pad}: cuDNN cannot train with a mask on an "
+            "odd sequence length; use mask.pad_multiple=8 (or -1, automatic)."
+        )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ValueError naming the offending key and the fix."""
     m, d, o = config.model, config.data, config.optim
@@ -161,8 +191,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
     if m.attention_impl not in ("", "xla", "cudnn"):
         raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
-    if m.attention_impl == "cudnn" and m.dtype == "float32":
-        raise ValueError("model.attention_impl='cudnn' needs model.dtype=bfloat16 or float16.")
+    if m.attention_impl == "cudnn":
+        _validate_cudnn(config)
+    if m.remat_policy not in vit.REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy={m.remat_policy!r}; choose one of {sorted(vit.REMAT_POLICIES)}.")
+    if m.residual_dtype not in DTYPES:
+        raise ValueError(f"model.residual_dtype={m.residual_dtype!r}; choose one of {DTYPES}.")
     if d.source not in SOURCES:
         raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}.")
     if d.source == "tfds" and not d.tfds_name:

@@ -6,14 +6,18 @@ one context block from which every target block is removed; `min_keep`.
 
 Static-shape policy (the jitted step never sees a new shape):
   * targets: every block is padded to `target_tokens`, the largest block area
-    the configured scale/aspect ranges can produce; `target_valid` marks the
-    real tokens and the loss ignores the rest. (Within a batch all blocks have
-    the same size, as in the reference.)
+    the sampler can draw from the configured scale/aspect ranges;
+    `target_valid` marks the real tokens and the loss ignores the rest.
+    (Within a batch all blocks have the same size, as in the reference.)
   * context: exactly `context_tokens` (K) per image. An image with more
     context patches keeps K of them, one with fewer is padded and the padding
     is masked out of attention. K defaults to the mean batch-minimum context
     size the reference would keep (its "cut to the batch minimum"), estimated
     once at start-up; see `auto_context_tokens`.
+  * arrays: both lengths are rounded up to a multiple of `pad_multiple` with
+    always-invalid slots (`context_len`, `target_len`), e.g. 8 for cuDNN's
+    fused attention, which needs even lengths. Padding changes no result: the
+    same tokens are drawn and the extra slots are masked like any padding.
 
 Two modes (`config.mask.mode`):
   * 'reference': the reference's distribution, quirks included -- one uniform
@@ -52,6 +56,7 @@ class MaskSpec:
     allow_overlap: bool = False
     mode: str = "reference"
     context_tokens: int = -1  # K; -1: resolve with `auto_context_tokens`
+    pad_multiple: int = 1  # array lengths are rounded up to a multiple of this
 
     @classmethod
     def from_config(cls, config) -> "MaskSpec":
@@ -70,6 +75,7 @@ class MaskSpec:
             allow_overlap=m.allow_overlap,
             mode=m.mode,
             context_tokens=m.context_tokens,
+            pad_multiple=resolve_pad_multiple(config),
         )
 
     @property
@@ -78,8 +84,29 @@ class MaskSpec:
 
     @property
     def target_tokens(self) -> int:
-        """T: the padded length of one target block."""
+        """T: the largest number of tokens one target block can have."""
         return block_area_range(self, self.target_scale, self.target_aspect)[1]
+
+    @property
+    def context_len(self) -> int:
+        """Length of the context arrays: K rounded up to `pad_multiple`."""
+        return _round_up(self.context_tokens, self.pad_multiple)
+
+    @property
+    def target_len(self) -> int:
+        """Length of each target block's arrays: T rounded up to `pad_multiple`."""
+        return _round_up(self.target_tokens, self.pad_multiple)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def resolve_pad_multiple(config) -> int:
+    """`mask.pad_multiple`, with -1 meaning 8 under cuDNN attention and 1 otherwise."""
+    if config.mask.pad_multiple > 0:
+        return config.mask.pad_multiple
+    return 8 if config.model.attention_impl == "cudnn" else 1
 
 
 def block_hw(spec: MaskSpec, area: int, aspect: float) -> tuple[int, int]:
@@ -103,21 +130,32 @@ def _draw_size(spec: MaskSpec, rng: np.random.Generator, scale, aspect) -> tuple
 
 
 def block_area_range(spec: MaskSpec, scale, aspect) -> tuple[int, int]:
-    """(smallest, largest) h*w the size rule can produce for these ranges.
+    """(smallest, largest) h*w the sampler can draw for these ranges.
 
-    Exact for independent draws (and so a bound for the reference's tied draw):
-    for each integer area, h*w only changes where a rounding flips, so it is
-    enough to look at the aspect-ratio range ends and just either side of
-    every rounding breakpoint.
+    For each integer area, h*w only changes where a rounding flips, so it is
+    enough to look at the ends of the aspect range that reaches that area and
+    just either side of every rounding breakpoint. In 'reference' mode one
+    uniform draw r sets both scale and aspect, so an area is only reached with
+    the aspects of its own r-interval (e.g. 40, not 42, tokens at 224/16).
     """
-    lo_area = int(spec.num_patches * scale[0])
-    hi_area = int(spec.num_patches * scale[1])
+    n = spec.num_patches
+    lo_area, hi_area = int(n * scale[0]), int(n * scale[1])
+    tied = spec.mode == "reference" and scale[1] > scale[0]
     areas = []
     for area in range(max(lo_area, 1), max(hi_area, 1) + 1):
+        a_lo, a_hi = aspect
+        if tied:
+            # r-interval on which int(n * (s0 + r (s1 - s0))) == area; r is in [0, 1).
+            to_r = lambda v: (v / n - scale[0]) / (scale[1] - scale[0])  # noqa: E731
+            r_lo, r_hi = max(to_r(area), 0.0), min(to_r(area + 1), 1.0)
+            if r_lo >= r_hi:
+                continue
+            a_lo = aspect[0] + r_lo * (aspect[1] - aspect[0])
+            a_hi = aspect[0] + r_hi * (aspect[1] - aspect[0])
         ks = np.arange(0, max(spec.grid_h, spec.grid_w) + 2) + 0.5
         breaks = np.concatenate([ks**2 / area, area / ks**2])
-        cand = np.concatenate([[aspect[0], aspect[1]], breaks * (1 - 1e-9), breaks * (1 + 1e-9)])
-        cand = cand[(cand >= aspect[0]) & (cand <= aspect[1])]
+        cand = np.concatenate([[a_lo, a_hi], breaks * (1 - 1e-9), breaks * (1 + 1e-9)])
+        cand = cand[(cand >= a_lo) & (cand <= a_hi)]
         areas += [np.prod(block_hw(spec, area, a)) for a in cand]
     return int(min(areas)), int(max(areas))
 
@@ -138,6 +176,8 @@ def validate(spec: MaskSpec) -> None:
     for name in ("target_scale", "context_scale"):
         if getattr(spec, name)[1] > 1:
             raise ValueError(f"mask.{name}={getattr(spec, name)} is a fraction of the image; keep it <= 1.")
+    if spec.pad_multiple < 1:
+        raise ValueError(f"mask.pad_multiple={spec.pad_multiple} must be >= 1 (or -1 for automatic).")
     if spec.num_targets < 1:
         raise ValueError(f"mask.num_targets={spec.num_targets} must be >= 1.")
     t_min, _ = block_area_range(spec, spec.target_scale, spec.target_aspect)
@@ -168,7 +208,6 @@ class MaskSampler:
         if spec.context_tokens <= 0:
             raise ValueError("MaskSampler needs a resolved spec.context_tokens (see auto_context_tokens).")
         self.spec = spec
-        self.target_tokens = spec.target_tokens
 
     def _draw_offsets(self, rng, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.spec
@@ -190,11 +229,12 @@ class MaskSampler:
         return inside.reshape(len(top), -1)
 
     def sample(self, rng: np.random.Generator, batch_size: int, with_stats: bool = False) -> dict:
-        """Returns int32 `context_idx` (B, K), bool `context_valid` (B, K),
-        int32 `target_idx` (B, M, T), bool `target_valid` (B, M, T); with
-        `with_stats`, also `context_count` (B,): context patches before the cut to K."""
+        """Returns int32 `context_idx` (B, Kp), bool `context_valid` (B, Kp),
+        int32 `target_idx` (B, M, Tp), bool `target_valid` (B, M, Tp), where Kp,
+        Tp are `spec.context_len`, `spec.target_len`; with `with_stats`, also
+        `context_count` (B,): context patches before the cut to K."""
         s = self.spec
-        b, m, k, t = batch_size, s.num_targets, s.context_tokens, self.target_tokens
+        b, m, k, t = batch_size, s.num_targets, s.context_tokens, s.target_len
         th, tw = _draw_size(s, rng, s.target_scale, s.target_aspect)
         ch, cw = _draw_size(s, rng, s.context_scale, s.context_aspect)
 
@@ -220,8 +260,10 @@ class MaskSampler:
             keys = np.where(context, rng.random(context.shape), 2.0)
             order = np.argsort(keys, axis=1)[:, :k]
             order = np.sort(np.where(context_valid, order, s.num_patches), axis=1)
+        pad = ((0, 0), (0, s.context_len - k))  # always-invalid slots (pad_multiple)
+        context_valid = np.pad(context_valid, pad)
         out = {
-            "context_idx": np.where(context_valid, order, 0).astype(np.int32),
+            "context_idx": np.pad(np.where(context_valid[:, :k], order, 0), pad).astype(np.int32),
             "context_valid": context_valid,
             "target_idx": target_idx.reshape(b, m, t),
             "target_valid": target_valid,

@@ -162,6 +162,13 @@ def test_batch_must_divide_over_processes():
         ({"eval.every_epochs": 1, "eval.monitor_protocols": "knn,probe"}, "monitor_protocols"),
         ({"mask.auto_context_batch": 0}, "auto_context_batch"),
         ({"eval.lowshot_variant": "last8"}, "lowshot_variant"),
+        ({"model.remat_policy": "everything"}, "remat_policy"),
+        ({"model.residual_dtype": "int8"}, "residual_dtype"),
+        ({"mask.pad_multiple": 0}, "pad_multiple"),
+        # cuDNN: odd padding would leave odd predictor lengths, which cuDNN cannot train with a mask on
+        ({"model.attention_impl": "cudnn", "model.dtype": "bfloat16", "mask.pad_multiple": 1}, "pad_multiple=8"),
+        # vit_micro has 2 heads: a predictor 36 wide has an 18-wide head, not a multiple of 8
+        ({"model.attention_impl": "cudnn", "model.dtype": "bfloat16", "model.pred_width": 36}, "head dim"),
     ],
 )
 def test_more_values_that_are_rejected_up_front(overrides, words):

@@ -315,11 +315,43 @@ def test_target_tokens_is_attained(grid, min_keep):
     assert max(sampled) == spec.target_tokens
 
 
-def test_reference_tied_draw_stays_within_target_tokens():
-    """'reference' (one draw for scale and aspect): every reachable block fits in target_tokens."""
-    spec = masks.MaskSpec(14, 14, mode="reference")
-    sizes = reachable_sizes(spec, spec.target_scale, spec.target_aspect)
-    assert max(h * w for h, w in sizes) <= spec.target_tokens
+@pytest.mark.parametrize("grid,expected", [(14, 40), (16, 54), (8, 12)])
+def test_reference_tied_draw_target_tokens_is_the_largest_drawable_block(grid, expected):
+    """'reference' (one uniform draw r sets scale AND aspect): T is the largest block some r gives,
+    found by brute force over a dense grid of r -- 40 at 224/16 and 54 at 224/14, not the 42 and 56
+    that independent draws of scale and aspect could reach."""
+    spec = masks.MaskSpec(grid, grid, mode="reference", min_keep=4)
+    brute = 0
+    for r in np.linspace(0.0, 1.0, 200_001)[:-1]:
+        s = spec.target_scale[0] + r * (spec.target_scale[1] - spec.target_scale[0])
+        a = spec.target_aspect[0] + r * (spec.target_aspect[1] - spec.target_aspect[0])
+        brute = max(brute, int(np.prod(masks.block_hw(spec, int(spec.num_patches * s), a))))
+    assert spec.target_tokens == brute == expected
+
+
+def test_pad_multiple_adds_only_invalid_slots():
+    """pad_multiple rounds the array lengths up (K=67 -> 72, T=54 -> 56 at 224/14) with slots that
+    are always invalid; the drawn tokens are exactly those of the unpadded sampler."""
+    base = masks.MaskSpec(16, 16, mode="reference", context_tokens=67)
+    padded = dataclasses.replace(base, pad_multiple=8)
+    assert (padded.context_len, padded.target_len) == (72, 56) and (base.context_len, base.target_len) == (67, 54)
+    a = masks.MaskSampler(base).sample(np.random.default_rng(3), 16)
+    b = masks.MaskSampler(padded).sample(np.random.default_rng(3), 16)
+    assert b["context_idx"].shape == (16, 72) and b["target_idx"].shape == (16, 4, 56)
+    assert not b["context_valid"][:, 67:].any() and not b["target_valid"][..., 54:].any()
+    np.testing.assert_array_equal(b["context_idx"][:, :67], a["context_idx"])
+    np.testing.assert_array_equal(b["context_valid"][:, :67], a["context_valid"])
+    np.testing.assert_array_equal(b["target_idx"][..., :54], a["target_idx"])
+    np.testing.assert_array_equal(b["target_valid"][..., :54], a["target_valid"])
+
+
+def test_pad_multiple_auto_is_8_for_cudnn_only():
+    """mask.pad_multiple=-1 (the default) pads to multiples of 8 under cuDNN attention, not otherwise."""
+    assert masks.MaskSpec.from_config(small_config()).pad_multiple == 1
+    cudnn = small_config(**{"model.attention_impl": "cudnn", "model.dtype": "bfloat16"})
+    assert masks.MaskSpec.from_config(cudnn).pad_multiple == 8
+    fixed = small_config(**{"mask.pad_multiple": 4})
+    assert masks.MaskSpec.from_config(fixed).pad_multiple == 4
 
 
 # --------------------------------------------------------------------------- validation and relaxation

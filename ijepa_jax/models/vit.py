@@ -35,6 +35,13 @@ VIT_SIZES: dict[str, tuple[int, int, int, float]] = {
 _weight_init = nn.initializers.normal(stddev=0.02)
 _LN_EPS = 1e-6
 
+# model.remat_policy -> what a rematerialised block keeps from its forward pass.
+REMAT_POLICIES = {
+    "full": None,  # nothing: the whole block is recomputed (least memory)
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not attention's
+}
+
 
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     """[sin(pos * omega), cos(pos * omega)], omega_i = 1 / 10000**(i / (embed_dim/2))."""
@@ -79,9 +86,18 @@ class MlpBlock(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention; `key_mask` (B, N) marks the keys to attend to.
+
+    With `mask_is_prefix` the valid keys are known to be a prefix of each
+    sequence (the encoder's context), so cuDNN gets their count as
+    `key_value_seq_lengths` instead of a dense mask, which it would turn into
+    an additive bias.
+    """
+
     num_heads: int
     dtype: Any = jnp.float32
     implementation: str | None = None  # None/'xla' or 'cudnn'
+    mask_is_prefix: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask):
@@ -90,10 +106,16 @@ class Attention(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_weight_init)
         qkv = dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        if mask is not None and self.implementation == "cudnn":
-            mask = jnp.broadcast_to(mask, (b, 1, n, n))  # cuDNN wants the full (query, key) shape
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        mask, kv_lengths = None, None
+        if key_mask is not None and self.implementation == "cudnn" and self.mask_is_prefix:
+            kv_lengths = key_mask.sum(-1, dtype=jnp.int32)
+        elif key_mask is not None:
+            mask = key_mask[:, None, None, :]
+            if self.implementation == "cudnn":
+                mask = jnp.broadcast_to(mask, (b, 1, n, n))  # cuDNN wants the full (query, key) shape
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=self.implementation
+        )
         return dense(d, name="proj")(out.reshape(b, n, d))
 
 
@@ -104,12 +126,14 @@ class Block(nn.Module):
     mlp_ratio: float
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    mask_is_prefix: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask):
         norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
         y = norm(name="norm1")(x)
-        x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(y, key_mask)
+        attn = Attention(self.num_heads, self.dtype, self.attention_impl, self.mask_is_prefix, name="attn")
+        x = x + attn(y, key_mask)
         y = norm(name="norm2")(x)
         x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)
         return x, None
@@ -119,7 +143,8 @@ class BlockStack(nn.Module):
     """`depth` blocks, either unrolled or as one scanned (optionally remat-ed) layer.
 
     Scanning keeps compile time flat in depth (ViT-H/ViT-g); parameters then
-    carry a leading `depth` axis under `blocks/`.
+    carry a leading `depth` axis under `blocks/`. `remat_policy` names what a
+    rematerialised block saves (see REMAT_POLICIES).
     """
 
     depth: int
@@ -129,15 +154,20 @@ class BlockStack(nn.Module):
     attention_impl: str | None = None
     scan: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    mask_is_prefix: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask):
-        block_cls = nn.remat(Block, prevent_cse=not self.scan) if self.remat else Block
+        block_cls = Block
+        if self.remat:
+            block_cls = nn.remat(Block, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat_policy])
         kwargs = dict(
             num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            mask_is_prefix=self.mask_is_prefix,
         )
         if self.scan:
             scanned = nn.scan(
@@ -173,6 +203,8 @@ class Encoder(nn.Module):
     attention_impl: str | None = None
     scan: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    residual_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, token_idx=None, token_valid=None):
@@ -190,6 +222,7 @@ class Encoder(nn.Module):
         # A float32 position table promotes the residual stream to float32, as
         # under the reference's bf16 autocast: only the matmuls run in `dtype`.
         x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw))[None]
+        x = _to_residual_dtype(x, self.residual_dtype)
         if token_idx is not None:
             x = gather_tokens(x, token_idx)
         x = BlockStack(
@@ -200,6 +233,8 @@ class Encoder(nn.Module):
             self.attention_impl,
             self.scan,
             self.remat,
+            self.remat_policy,
+            mask_is_prefix=True,  # masks.py packs each context's valid tokens first
             name="stack",
         )(x, token_valid)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, name="norm")(x)
@@ -226,6 +261,8 @@ class Predictor(nn.Module):
     attention_impl: str | None = None
     scan: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    residual_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, context, context_idx, context_valid, target_idx, target_valid):
@@ -241,7 +278,7 @@ class Predictor(nn.Module):
 
         # One sequence per (image, target block): [context, that block's mask tokens].
         x = jnp.repeat(x, m, axis=0)
-        x = jnp.concatenate([x, targets], axis=1)
+        x = _to_residual_dtype(jnp.concatenate([x, targets], axis=1), self.residual_dtype)
         key_valid = jnp.concatenate(
             [jnp.repeat(context_valid, m, axis=0), target_valid.reshape(b * m, t)], axis=1
         )
@@ -253,11 +290,28 @@ class Predictor(nn.Module):
             self.attention_impl,
             self.scan,
             self.remat,
+            self.remat_policy,
             name="stack",
         )(x, key_valid)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="predictor_norm")(x[:, k:])
         x = dense(enc_dim, name="predictor_proj")(x)
         return x.reshape(b, m, t, enc_dim)
+
+
+def _to_residual_dtype(x, residual_dtype):
+    # float32 (the default) leaves the stream as it is: bit-identical to before the option existed.
+    return x if jnp.dtype(residual_dtype) == jnp.float32 else x.astype(residual_dtype)
+
+
+def _stack_options(model_config) -> dict:
+    """Encoder/predictor options read from `config.model` (older saved configs may lack the newer keys)."""
+    return dict(
+        attention_impl=model_config.attention_impl or None,
+        scan=model_config.scan_layers,
+        remat=model_config.remat,
+        remat_policy=model_config.get("remat_policy", "full"),
+        residual_dtype=jnp.dtype(model_config.get("residual_dtype", "float32")),
+    )
 
 
 def make_encoder(model_config, dtype: Any = None) -> Encoder:
@@ -270,9 +324,7 @@ def make_encoder(model_config, dtype: Any = None) -> Encoder:
         num_heads=heads,
         mlp_ratio=mlp_ratio,
         dtype=dtype or jnp.dtype(model_config.dtype),
-        attention_impl=model_config.attention_impl or None,
-        scan=model_config.scan_layers,
-        remat=model_config.remat,
+        **_stack_options(model_config),
     )
 
 
@@ -286,9 +338,7 @@ def make_predictor(model_config, grid_h: int, grid_w: int, dtype: Any = None) ->
         depth=model_config.pred_depth,
         num_heads=heads,
         dtype=dtype or jnp.dtype(model_config.dtype),
-        attention_impl=model_config.attention_impl or None,
-        scan=model_config.scan_layers,
-        remat=model_config.remat,
+        **_stack_options(model_config),
     )
 
 

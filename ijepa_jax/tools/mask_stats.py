@@ -40,7 +40,7 @@ def mask_statistics(spec: masks.MaskSpec, batch_size: int, num_batches: int, see
         "context_tokens_K": spec.context_tokens,
         "context_kept": float(np.mean(np.concatenate(kept))),
         "target_per_block": float(np.mean(target)),
-        "target_tokens_T": sampler.target_tokens,
+        "target_tokens_T": spec.target_tokens,
     }
 
 

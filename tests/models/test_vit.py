@@ -5,12 +5,14 @@ PyTorch code); everything here is checked against formulas or independently
 known numbers, never against values copied from a run of this code.
 """
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import small_config
@@ -376,12 +378,13 @@ def test_scanned_stack_matches_unrolled(micro):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_remat_changes_nothing(micro, scan):
-    """remat=True (recompute each block in the backward pass) gives the same outputs and gradients."""
+@pytest.mark.parametrize("scan,policy", [(False, "full"), (True, "full"), (True, "dots"), (False, "dots_no_batch")])
+def test_remat_changes_nothing(micro, scan, policy):
+    """remat=True (recompute each block in the backward pass), under every remat policy, gives the
+    same outputs and gradients."""
     _, params, images = micro
     plain = _encoder("vit_micro", 4, scan=scan)
-    remat = _encoder("vit_micro", 4, scan=scan, remat=True)
+    remat = _encoder("vit_micro", 4, scan=scan, remat=True, remat_policy=policy)
     if scan:
         params = _stack_blocks(params, plain.depth)
     assert jax.tree.structure(params) == jax.tree.structure(
@@ -433,3 +436,129 @@ def test_bfloat16_compute_keeps_float32_params():
     assert {leaf.dtype for leaf in jax.tree.leaves(pred_params)} == {jnp.dtype(jnp.float32)}
     assert (out.dtype, out.shape) == (jnp.float32, (2, 16, 64))
     assert (pred.dtype, pred.shape) == (jnp.bfloat16, (2, 2, 4, 64))
+
+
+def test_bfloat16_residual_stream_stays_close_to_float32(micro):
+    """model.residual_dtype=bfloat16 (not the reference: halves activation memory) carries the residual
+    stream in bf16; outputs stay within bf16 rounding of the float32-residual model."""
+    encoder, params, images = micro
+    bf16 = _encoder("vit_micro", 4, dtype=jnp.bfloat16)
+    bf16_residual = _encoder("vit_micro", 4, dtype=jnp.bfloat16, residual_dtype=jnp.bfloat16)
+
+    @jax.jit
+    def run(params):
+        return encoder.apply({"params": params}, images), bf16_residual.apply({"params": params}, images)
+
+    out32, out_bf16 = jax.device_get(run(params))
+    assert out_bf16.dtype == np.float32  # the final LayerNorm still returns float32
+    err = np.abs(out_bf16 - out32).max()
+    assert 0 < err < 0.1, err  # LayerNorm-ed features are O(1); bf16 has 8 bits of mantissa
+    assert bf16.residual_dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# cuDNN attention: what reaches jax.nn.dot_product_attention
+
+
+def _record_attention_calls(monkeypatch):
+    """Replace jax.nn.dot_product_attention with a recorder that runs XLA's implementation."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def recorder(q, k, v, bias=None, mask=None, *, key_value_seq_lengths=None, implementation=None, **kw):
+        calls.append(
+            dict(
+                q=q.shape, k=k.shape, dtype=q.dtype, implementation=implementation,
+                mask=None if mask is None else mask.shape, kv_lengths=key_value_seq_lengths is not None,
+            )
+        )
+        return real(q, k, v, bias, mask, key_value_seq_lengths=key_value_seq_lengths, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "config_file", ["in1k_vith14.py", "in1k_vith16_448.py", "in22k_vith14.py", "in22k_vitg16.py"]
+)
+def test_cudnn_attention_gets_shapes_cudnn_trains_with(monkeypatch, config_file):
+    """For every reference config under model.attention_impl=cudnn, each attention call of a train
+    step is one jax's cuDNN path accepts in training (jax/_src/cudnn/fused_attention_stablehlo.py):
+    bf16, head dim a multiple of 8 and <= 128, and a dense mask (which cuDNN turns into a bias) only
+    on even query and key lengths; the encoder's prefix-valid context goes as key_value_seq_lengths."""
+    import importlib.util
+    import os
+
+    from ijepa_jax import config_lib, masks, step, train
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", config_file)
+    module_spec = importlib.util.spec_from_file_location("reference_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.attention_impl = "cudnn"
+    config.data.update(source="synthetic", batch_size=8, root="")
+    config.mask.auto_context_batch = 16  # K's value does not matter here, only its padding
+    config_lib.validate(config, num_devices=8)
+    spec = masks.resolve_spec(config)
+    assert spec.context_len % 8 == 0 and spec.target_len % 8 == 0
+    models = step.make_models(config, spec.grid_h)
+    tx = optax.sgd(0.1)
+    shapes = train.batch_shapes(config, spec)
+    calls = _record_attention_calls(monkeypatch)
+
+    def grads(rng):
+        state = step.init_state(rng, models, tx, shapes)
+        batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+        return jax.grad(step.loss_fn)(state.params, state.target_params, batch, models)
+
+    jax.eval_shape(grads, jax.random.key(0))
+    assert calls, "no attention call was traced"
+    seen = set()
+    for c in calls:
+        b, t, heads, head_dim = c["q"]
+        s = c["k"][1]
+        assert c["implementation"] == "cudnn" and c["dtype"] == jnp.bfloat16
+        assert head_dim % 8 == 0 and head_dim <= 128, c
+        if c["mask"] is not None:
+            assert t % 2 == 0 and s % 2 == 0, c
+            assert c["mask"] == (b, 1, t, s), c
+        seen.add((t, c["mask"] is not None, c["kv_lengths"]))
+    n, k, kt = spec.num_patches, spec.context_len, spec.context_len + spec.target_len
+    assert seen == {(n, False, False), (k, False, True), (kt, True, False)}, seen
+
+
+def optax_sgd():
+    import optax
+
+    return optax.sgd(0.1)
+
+
+def test_cudnn_arguments_mean_the_same_as_xla_masks(monkeypatch):
+    """The cuDNN-configured models (key_value_seq_lengths for the context, broadcast masks for the
+    predictor), run through XLA's implementation on CPU, give the loss of the XLA models, and the
+    padded batch (pad_multiple=8) gives the loss of the unpadded one."""
+    from ijepa_jax import masks, step, train
+
+    config = small_config()
+    spec = masks.resolve_spec(config)
+    padded_spec = dataclasses.replace(spec, pad_multiple=8)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    batch = {"images": images, **masks.MaskSampler(spec).sample(np.random.default_rng(0), 8)}
+    padded = {"images": images, **masks.MaskSampler(padded_spec).sample(np.random.default_rng(0), 8)}
+    assert padded["context_idx"].shape[1] == 8 > batch["context_idx"].shape[1]
+
+    xla = step.make_models(config, spec.grid_h)
+    cudnn = step.make_models(small_config(**{"model.attention_impl": "cudnn"}), spec.grid_h)
+    state = step.init_state(jax.random.key(0), xla, optax.sgd(0.1), train.batch_shapes(config, spec))
+    real = jax.nn.dot_product_attention
+
+    def run_on_xla(*args, implementation=None, **kw):
+        return real(*args, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", run_on_xla)
+    loss = float(step.loss_fn(state.params, state.target_params, batch, xla))
+    loss_padded = float(step.loss_fn(state.params, state.target_params, padded, xla))
+    loss_cudnn_args = float(step.loss_fn(state.params, state.target_params, padded, cudnn))
+    np.testing.assert_allclose(loss_padded, loss, rtol=1e-5)
+    np.testing.assert_allclose(loss_cudnn_args, loss, rtol=1e-5)
