@@ -169,6 +169,33 @@ def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
         )
 
 
+# encoder -> (predictor depth, predictor width) for the small-scale recipes: about
+# half the encoder width, as the reference's 384-wide predictor is for ViT-H.
+SMALL_SCALE_PREDICTORS = {"vit_tiny": (6, 96), "vit_small": (6, 192)}
+
+
+def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_per_epoch: int):
+    """10 epochs on an 8x8 patch grid (CIFAR-100 at 32/4, Tiny-ImageNet at 64/8), one GPU or a CPU.
+
+    Batch 256, 1 warmup epoch, the reference's lr / weight-decay / EMA ranges,
+    corrected masks with min_keep 4 (on an 8x8 grid the reference's blocks
+    never touch the last row or column: 15 of 64 patches), a checkpoint every
+    epoch (`steps_per_epoch`).
+    """
+    if model_name not in SMALL_SCALE_PREDICTORS:
+        raise ValueError(f"model {model_name!r}: choose one of {sorted(SMALL_SCALE_PREDICTORS)}.")
+    c = default_config()
+    pred_depth, pred_width = SMALL_SCALE_PREDICTORS[model_name]
+    c.model.update(name=model_name, patch_size=patch_size, pred_depth=pred_depth, pred_width=pred_width)
+    c.data.update(crop_size=crop_size, crop_scale=(0.3, 1.0), batch_size=256, num_workers=0)
+    c.mask.update(mode="corrected", min_keep=4)
+    c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
+    c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
+    c.checkpoint.every_steps = steps_per_epoch
+    c.log_every_steps = 10
+    return c
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ValueError naming the offending key and the fix."""
     m, d, o = config.model, config.data, config.optim

@@ -1,0 +1,25 @@
+"""Tiny-ImageNet (the 100-class, 300-images-per-class JPEG subset in ../shared/data) at 64px,
+10 epochs: the ImageNet-subset stand-in that runs on a laptop CPU or one GPU.
+
+    tar -xzf ../shared/data/tiny-imagenet-100cls.tar.gz -C /tmp
+    python -m ijepa_jax.train --config configs/tiny_imagenet.py:vit_tiny --workdir runs/tin \
+        --config.data.root=/tmp/tiny-imagenet-100cls
+
+Argument: vit_tiny (default) or vit_small. Patch 8 on 64px crops gives the same
+8x8 grid as CIFAR-100 at 32/4, so the recipe is config_lib.small_scale_recipe;
+real ImageNet-style JPEGs read from class folders (train/, scored on val/).
+"""
+
+from ijepa_jax import config_lib
+
+
+def get_config(arg: str = "vit_tiny"):
+    if arg not in config_lib.SMALL_SCALE_PREDICTORS:
+        raise ValueError(
+            f"configs/tiny_imagenet.py:{arg}: choose one of {sorted(config_lib.SMALL_SCALE_PREDICTORS)}."
+        )
+    # One epoch of 30,000 images at batch 256 is 117 steps.
+    c = config_lib.small_scale_recipe(arg, patch_size=8, crop_size=64, steps_per_epoch=117)
+    c.data.update(source="folder", root="", num_workers=2)
+    c.eval.test_split = "val"
+    return c
