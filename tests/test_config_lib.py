@@ -11,6 +11,8 @@ from ijepa_jax import config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+SMALL_SCALE_FILES = ("cifar100.py", "tiny_imagenet.py")
+REFERENCE_FILES = [f for f in CONFIG_FILES if f not in SMALL_SCALE_FILES]
 
 
 def load_config_module(filename):
@@ -29,11 +31,12 @@ def get_config(filename, *args):
 def test_config_folder_contents():
     """The expected config files exist (a renamed file would silently drop out of the tests below)."""
     assert set(CONFIG_FILES) >= {
-        "cifar100.py", "in1k_vith14.py", "in1k_vith16_448.py", "in22k_vith14.py", "in22k_vitg16.py",
+        "cifar100.py", "tiny_imagenet.py", "in1k_vith14.py", "in1k_vith16_448.py", "in22k_vith14.py",
+        "in22k_vitg16.py",
     }
 
 
-@pytest.mark.parametrize("filename", [f for f in CONFIG_FILES if f != "cifar100.py"])
+@pytest.mark.parametrize("filename", REFERENCE_FILES)
 def test_reference_configs_validate_with_synthetic_source(filename):
     """Every reference config loads and validates on 8 devices once data.source is a source that exists."""
     c = get_config(filename)
@@ -41,7 +44,7 @@ def test_reference_configs_validate_with_synthetic_source(filename):
     config_lib.validate(c, num_devices=8)
 
 
-@pytest.mark.parametrize("filename", [f for f in CONFIG_FILES if f != "cifar100.py"])
+@pytest.mark.parametrize("filename", REFERENCE_FILES)
 def test_reference_configs_read_an_image_folder_named_on_the_command_line(filename):
     """As shipped they read data.source='folder' and ask for --config.data.root; with it they validate."""
     c = get_config(filename)
@@ -94,6 +97,21 @@ def test_cifar100_configs_validate_as_shipped(arg, pred):
     assert (c.model.name, c.model.patch_size, c.data.crop_size) == (arg, 4, 32)
     assert (c.model.pred_depth, c.model.pred_width) == pred
     assert c.data.source == "cifar100" and c.mask.mode == "corrected" and c.mask.min_keep == 4
+
+
+@pytest.mark.parametrize("arg", ["vit_tiny", "vit_small"])
+def test_tiny_imagenet_configs_read_64px_folders_on_the_cifar_grid(arg):
+    """tiny_imagenet.py: 64px crops with patch 8 (the same 8x8 grid and recipe as CIFAR-100 at 32/4),
+    JPEG class folders named on the command line, scored on val/."""
+    c = get_config("tiny_imagenet.py", arg)
+    with pytest.raises(ValueError, match=r"needs --config\.data\.root"):
+        config_lib.validate(c, num_devices=8)
+    c.data.root = "/tmp/tiny-imagenet-100cls"
+    config_lib.validate(c, num_devices=8)
+    assert (c.model.name, c.model.patch_size, c.data.crop_size) == (arg, 8, 64)
+    assert c.data.source == "folder" and c.eval.test_split == "val"
+    cifar = get_config("cifar100.py", arg)
+    assert (c.optim.to_dict(), c.mask.to_dict()) == (cifar.optim.to_dict(), cifar.mask.to_dict())
 
 
 def test_cifar100_default_arg_is_vit_tiny():
