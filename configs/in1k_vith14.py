@@ -1,4 +1,4 @@
-"""ViT-H/14, 224px, ImageNet-1K, 300 epochs: the reference in1k_vith14_ep300.yaml."""
+"""ViT-H/14, 224px, ImageNet-1K, 300 epochs: the reference in1k_vith14_ep300.yaml (128 per GPU)."""
 
 from ijepa_jax import config_lib
 

@@ -124,21 +124,31 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def reference_recipe(model_name: str, patch_size: int, crop_size: int, epochs: int) -> ml_collections.ConfigDict:
+def reference_recipe(
+    model_name: str,
+    patch_size: int,
+    crop_size: int,
+    epochs: int,
+    warmup_epochs: int = 40,
+    pred_depth: int = 12,
+    per_gpu_batch: int = 128,
+) -> ml_collections.ConfigDict:
     """The official I-JEPA recipe (configs/*.yaml of the reference repo) for one model.
 
-    Global batch 2048 (16 GPUs x 128), predictor 12 x 384, AdamW with lr
-    2e-4 -> 1e-3 over 40 warmup epochs then cosine to 1e-6, weight decay
-    0.04 -> 0.4, EMA 0.996 -> 1.0, crops of scale (0.3, 1.0), reference masks.
-    Runs in bf16 with a scanned block stack.
+    Global batch 2048, predictor `pred_depth` x 384, AdamW with lr 2e-4 -> 1e-3
+    over `warmup_epochs` then cosine to 1e-6, weight decay 0.04 -> 0.4, EMA
+    0.996 -> 1.0, crops of scale (0.3, 1.0), reference masks. The reference's
+    per-GPU batch (`per_gpu_batch`) sets how hard its batch-minimum context cut
+    bites, so the automatic context length is measured at that batch. Runs in
+    bf16 with a scanned block stack.
     """
     c = default_config()
-    c.model.update(name=model_name, patch_size=patch_size, pred_depth=12, pred_width=384)
+    c.model.update(name=model_name, patch_size=patch_size, pred_depth=pred_depth, pred_width=384)
     c.model.update(dtype="bfloat16", scan_layers=True)
     c.data.update(source="folder", crop_size=crop_size, crop_scale=(0.3, 1.0), batch_size=2048, num_workers=16)
     c.eval.test_split = "val"
-    c.mask.mode = "reference"
-    c.optim.update(epochs=epochs, warmup_epochs=40, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
+    c.mask.update(mode="reference", auto_context_batch=per_gpu_batch)
+    c.optim.update(epochs=epochs, warmup_epochs=warmup_epochs, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
     return c
 
