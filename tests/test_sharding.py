@@ -1,0 +1,71 @@
+"""Mesh shapes and the FSDP rule table: which state leaves are split, and over which axis."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import small_config
+from ijepa_jax import masks, optim, sharding, train
+from ijepa_jax import step as step_lib
+
+
+def mesh_config(data, fsdp):
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp))
+
+
+@pytest.mark.parametrize("data,fsdp,shape", [(-1, 1, (8, 1)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (1, 8, (1, 8))])
+def test_mesh_shape_fills_in_minus_one(data, fsdp, shape):
+    assert sharding.mesh_shape(mesh_config(data, fsdp), 8) == shape
+    mesh = sharding.make_mesh(mesh_config=mesh_config(data, fsdp))
+    assert (mesh.shape["data"], mesh.shape["fsdp"]) == shape
+
+
+@pytest.mark.parametrize("data,fsdp", [(3, -1), (2, 2), (-1, -1), (0, 8)])
+def test_impossible_meshes_name_the_keys(data, fsdp):
+    with pytest.raises(ValueError, match="mesh"):
+        sharding.mesh_shape(mesh_config(data, fsdp), 8)
+
+
+@pytest.mark.parametrize(
+    "path,shape,fsdp,spec",
+    [
+        ("params/encoder/stack/blocks_0/attn/qkv/kernel", (1280, 3840), 4, P(None, "fsdp")),
+        ("params/encoder/stack/blocks_0/mlp/fc2/kernel", (5120, 1280), 8, P("fsdp", None)),
+        # a scanned stack: the leading depth axis (32) is never the largest
+        ("params/encoder/stack/blocks/mlp/fc1/kernel", (32, 1280, 5120), 8, P(None, None, "fsdp")),
+        ("opt_state/1/0/mu/encoder/patch_embed/kernel", (14, 14, 3, 1280), 8, P(None, None, None, "fsdp")),
+        ("params/encoder/stack/blocks_0/attn/qkv/bias", (3840,), 8, P()),  # biases: replicated
+        ("params/predictor/mask_token", (1, 1, 384), 8, P()),
+        ("params/encoder/stack/blocks_0/attn/qkv/kernel", (1280, 3840), 1, P()),  # no fsdp axis
+        ("params/encoder/stack/blocks_0/attn/qkv/kernel", (33, 99), 2, P()),  # nothing divisible
+        ("params/encoder/stack/blocks_0/attn/qkv/kernel", (16, 48), 2, P()),  # too small to be worth it
+    ],
+)
+def test_rule_table(path, shape, fsdp, spec):
+    assert sharding.leaf_spec(path, shape, fsdp) == spec
+
+
+def test_state_sharding_splits_kernels_of_params_target_and_adam_moments():
+    """On a 2 x 4 mesh every large kernel of the online parameters, the EMA target and both AdamW
+    moments is split over 'fsdp'; everything else (step, counts, biases, norms) is replicated."""
+    config = small_config()
+    spec = masks.resolve_spec(config)
+    models = step_lib.make_models(config, spec.grid_h)
+    schedules = optim.make_schedules(config.optim, 8)
+    tx = optim.make_optimizer(config.optim, schedules)
+    shapes = train.batch_shapes(config, spec)
+    abstract = jax.eval_shape(lambda rng: step_lib.init_state(rng, models, tx, shapes), jax.random.key(0))
+    mesh = sharding.make_mesh(mesh_config=mesh_config(2, 4))
+    shardings = sharding.state_sharding(abstract, mesh)
+    split, whole = [], []
+    for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings)):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        (split if "fsdp" in s.spec else whole).append((name, leaf.shape))
+    assert not any(name.endswith("kernel") and np.prod(shape) >= sharding.MIN_FSDP_SIZE for name, shape in whole)
+    prefixes = {name.split("/")[0] for name, _ in split}
+    assert prefixes == {"params", "target_params", "opt_state"}
+    assert any("/mu/" in name for name, _ in split) and any("/nu/" in name for name, _ in split)
+    assert all(name.endswith("kernel") for name, _ in split)
+    assert ("step", ()) in whole
