@@ -11,6 +11,7 @@ divides (big_vision's rule), 'replicate' copies it to every device. XLA
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -100,7 +101,47 @@ def put_batch(local_batch: dict, mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """jax.distributed.initialize() (auto-detects SLURM and Cloud TPU) when asked to."""
-    if enabled:
-        jax.distributed.initialize()
+def maybe_initialize_distributed(
+    enabled: bool, coordinator_address: str = "", num_processes: int = -1, process_id: int = -1
+) -> None:
+    """Start jax's multi-process runtime when asked to, before anything touches a device.
+
+    With no explicit values jax detects the cluster (SLURM, Open MPI, Cloud TPU
+    pods); `coordinator_address` ('host:port' of process 0), `num_processes`
+    and `process_id` (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID) cover any other set of machines. Failures become a
+    ValueError that says what was tried.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if num_processes < 0:
+        num_processes = int(os.environ.get("JAX_NUM_PROCESSES", -1))
+    if process_id < 0:
+        process_id = int(os.environ.get("JAX_PROCESS_ID", -1))
+    explicit = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id)) if v >= 0}
+    if not (enabled or coordinator_address or explicit):
+        return
+    if explicit and not coordinator_address:
+        raise ValueError(
+            f"{sorted(explicit)} given without --coordinator_address (host:port of process 0, reachable "
+            "from every process); give all three, or none to let jax detect SLURM / Open MPI / Cloud TPU."
+        )
+    if coordinator_address and len(explicit) != 2:
+        raise ValueError(
+            f"--coordinator_address={coordinator_address} needs --num_processes and --process_id too "
+            "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)."
+        )
+    if explicit and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+    try:
+        jax.distributed.initialize(coordinator_address or None, **{k: v for k, v in explicit.items()})
+    except (RuntimeError, ValueError) as e:
+        how = f"coordinator {coordinator_address}, {explicit}" if coordinator_address else "cluster auto-detection"
+        raise ValueError(
+            f"jax.distributed.initialize failed ({how}): {e}. Outside SLURM / Open MPI / Cloud TPU, pass "
+            "--coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process."
+        ) from e
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: local devices "
+        f"{[d.id for d in jax.local_devices()]} of {jax.device_count()}",
+        flush=True,
+    )

@@ -69,3 +69,26 @@ def test_state_sharding_splits_kernels_of_params_target_and_adam_moments():
     assert any("/mu/" in name for name, _ in split) and any("/nu/" in name for name, _ in split)
     assert all(name.endswith("kernel") for name, _ in split)
     assert ("step", ()) in whole
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(num_processes=2, process_id=0), "coordinator_address"),
+        (dict(coordinator_address="127.0.0.1:1234", num_processes=2), "process_id"),
+        (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), r"\[0, --num_processes=2\)"),
+    ],
+)
+def test_incomplete_multi_process_settings_are_refused_before_starting(monkeypatch, kwargs, words):
+    """Explicit start-up needs all three of coordinator, process count and id, consistent."""
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=words):
+        sharding.maybe_initialize_distributed(False, **kwargs)
+
+
+def test_no_settings_start_nothing(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    sharding.maybe_initialize_distributed(False)
+    assert jax.process_count() == 1
