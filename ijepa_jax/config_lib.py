@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ijepa_jax import masks
+from ijepa_jax import masks, sharding
 from ijepa_jax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +25,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.total_steps = -1  # > 0: stop after this many steps (schedules still span all epochs)
     c.log_every_steps = 10
     c.compilation_cache_dir = ""  # persistent XLA compilation cache; '' = $JAX_COMPILATION_CACHE_DIR, or off
+    # Device mesh: 'data' x 'fsdp' = all devices (-1: the rest). fsdp > 1 shards parameters, EMA target
+    # and AdamW moments by sharding.STATE_RULES; the batch is split over both axes.
+    c.mesh = dict(data=-1, fsdp=1)
 
     c.model = dict(
         name="vit_huge",
@@ -105,6 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
         monitor_protocols="knn",  # 'knn' and/or 'linear'
         monitor_train_samples_per_class=50,
         monitor_test_samples_per_class=10,
+        health_every_steps=0,  # > 0: representation-health diagnostics (eval/health.py) every N steps
     )
     c.optim = dict(
         epochs=300,
@@ -251,6 +255,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"data.batch_size={d.batch_size} (global) is not divisible by the {num_devices} devices; "
             f"use a multiple of {num_devices}, e.g. {max(1, d.batch_size // num_devices) * num_devices}."
         )
+    sharding.mesh_shape(config.mesh, num_devices)
     if d.batch_size % num_processes:
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {num_processes} processes.")
     lo, hi = d.crop_scale
@@ -269,6 +274,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"eval.lowshot_variant={e.lowshot_variant!r}; use last, last_bn, last4 or last4_bn.")
     if e.every_epochs < 0 or e.knn_k < 1 or e.batch_size < 1:
         raise ValueError("eval.every_epochs must be >= 0, eval.knn_k and eval.batch_size >= 1.")
+    if e.health_every_steps < 0:
+        raise ValueError(f"eval.health_every_steps={e.health_every_steps} must be >= 0 (0: off).")
     unknown = [p for p in e.monitor_protocols.split(",") if p and p not in ("knn", "linear")]
     if unknown or (e.every_epochs and not e.monitor_protocols):
         raise ValueError(f"eval.monitor_protocols={e.monitor_protocols!r}: use 'knn', 'linear' or 'knn,linear'.")

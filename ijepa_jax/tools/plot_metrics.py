@@ -1,4 +1,4 @@
-"""Plot a run's metrics.jsonl to one PNG: loss, schedules, throughput and evaluation curves.
+"""Plot a run's metrics.jsonl to one PNG: loss, schedules, throughput, health diagnostics and evaluation curves.
 
     python -m ijepa_jax.tools.plot_metrics --workdir runs/c100 [--out runs/c100/metrics.png]
 """
@@ -13,6 +13,14 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("wd", "weight decay"), ("momentum", "EMA momentum"),
           ("img_per_s", "images / s"), ("context_tokens", "context tokens / image"))
+# Representation-health diagnostics (ijepa_jax/eval/health.py), drawn when present: (title, keys, log y).
+# Ranks and stds on a log scale: collapse shows as a drop of orders of magnitude.
+HEALTH_PANELS = (
+    ("effective rank (target encoder)", ("health/target_rank_pooled", "health/target_rank_pooled_centered",
+                                         "health/target_rank_tokens", "health/target_rank_tokens_centered"), True),
+    ("feature std", ("health/target_std", "health/pred_std", "health/pooled_std"), True),
+    ("cosine between images (pooled)", ("health/target_cosine",), False),
+)
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -35,16 +43,22 @@ def plot(records: list[dict], out: str) -> str:
     import matplotlib.pyplot as plt
 
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
-    panels = [p for p in PANELS if any(p[0] in r for r in records)] + ([("eval", "evaluation top-1")] if eval_keys else [])
+    present = lambda keys: [k for k in keys if any(k in r for r in records)]  # noqa: E731
+    panels = [(title, (key,), key == "loss") for key, title in PANELS if present((key,))]
+    panels += [(title, tuple(present(keys)), log) for title, keys, log in HEALTH_PANELS if present(keys)]
+    panels += [("evaluation top-1", tuple(eval_keys), False)] if eval_keys else []
     cols = 3
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        for k in eval_keys if key == "eval" else [key]:
-            ax.plot(*series(records, k), marker="." if key == "eval" else None, label=k.removeprefix("eval/"))
-        if key == "loss":
+    for ax, (title, keys, log_y) in zip(axes.flat, panels):
+        sparse = keys[0].startswith(("eval/", "health/"))  # written every few hundred steps: mark the points
+        for k in keys:
+            ax.plot(*series(records, k), marker="." if sparse else None, label=k.split("/", 1)[-1])
+        if log_y:
             ax.set_yscale("log")
-        if key == "eval":
+        elif sparse:
+            ax.ticklabel_format(axis="y", useOffset=False)  # a cosine near 1 reads as 0.9992, not 1e-7 + 0.9992
+        if sparse:
             ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -19,6 +19,21 @@ def test_plots_training_and_eval_records(tmp_path):
     assert plot_metrics.series(records, "eval/knn_k20") == ([10], [0.3])
 
 
+def test_plots_health_records_beside_training_records(tmp_path):
+    """Health records are separate records at training steps; they add three panels."""
+    records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 11)]
+    for s in (5, 10):
+        records.append({"step": s, "health/target_rank_pooled": 3.0, "health/target_rank_tokens_centered": 30.0,
+                        "health/target_std": 0.4, "health/pred_std": 0.1, "health/pooled_std": 0.1,
+                        "health/target_cosine": 0.96, "health/rank_max": 64.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recs = plot_metrics.read_records(str(tmp_path))
+    width, height = Image.open(plot_metrics.plot(recs, str(tmp_path / "m.png"))).size
+    assert width > 1000 and 500 < height < 700  # loss, lr + 3 health panels: 2 rows of 3
+    assert plot_metrics.series(recs, "health/target_std") == ([5, 10], [0.4, 0.4])
+    assert plot_metrics.series(recs, "loss")[0] == list(range(1, 11))  # health records add no loss points
+
+
 def test_missing_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No metrics.jsonl"):
         plot_metrics.read_records(str(tmp_path))
