@@ -219,6 +219,9 @@ def main(argv) -> None:
     del argv
     try:
         config = FLAGS.config
+        from ijepa_jax.train import use_compilation_cache  # the train command's cache set-up
+
+        use_compilation_cache(config.compilation_cache_dir)
         if bool(FLAGS.workdir) == bool(FLAGS.encoder):
             raise ValueError("Give exactly one of --workdir (a pretraining run) or --encoder (an exported file).")
         enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step) if FLAGS.workdir else from_export(

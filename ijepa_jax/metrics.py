@@ -1,7 +1,9 @@
 """Run logging: one JSON object per logged step, TensorBoard scalars, console progress.
 
-Only process 0 writes. Files are opened in append mode and flushed per
-record, so a crash never loses what was already logged.
+Only process 0 writes. The files (often on a shared filesystem) and the
+console are written by a background thread, so the train loop only queues a
+record; each record is flushed as it is written, and `close()` (called in a
+`finally`) writes everything still queued, so an exception loses nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 
 import jax
@@ -22,6 +26,11 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
+    """metrics.jsonl, TensorBoard and console lines, written in order by one background thread.
+
+    `write` only formats and queues; close it (in a `finally`) to write what is queued.
+    """
+
     def __init__(self, workdir: str, total_steps: int, resume_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
@@ -29,6 +38,9 @@ class MetricsWriter:
         self._first_step = None
         self._jsonl = None
         self._tb = None
+        self._queue = queue.Queue()
+        self._error = None
+        self._thread = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
@@ -37,31 +49,65 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._thread = threading.Thread(target=self._drain, name="metrics_writer", daemon=True)
+            self._thread.start()
 
     def write(self, step: int, metrics: dict) -> None:
         """Log the training metrics of `step` (1-based count of completed steps)."""
-        record = self._append(step, metrics, tb_prefix="train/")
-        if record:
-            print(self._progress_line(step, record), flush=True)
+        if self.enabled:
+            record = _record(step, metrics)
+            self._submit(record, "train/", self._progress_line(step, record))
 
     def write_eval(self, step: int, metrics: dict) -> None:
         """Log evaluation results ('eval/...' keys) at `step`, beside the training records."""
-        record = self._append(step, metrics, tb_prefix="")
-        if record:
-            print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.enabled:
+            line = f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self._submit(_record(step, metrics), "", line)
 
-    def _append(self, step: int, metrics: dict, tb_prefix: str) -> dict | None:
-        """One JSON line and its TensorBoard scalars, flushed at once; None on processes that do not write."""
-        if not self.enabled:
-            return None
-        record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(tb_prefix + k, v, step)
-        self._tb.flush()
-        return record
+    def console(self, line: str) -> None:
+        """A console line, in order with the progress lines (printed at once where nothing is queued)."""
+        if self._thread is None:
+            print(line, flush=True)
+        else:
+            self._submit(None, "", line)
+
+    def flush(self) -> None:
+        """Waits until everything queued so far is written."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise_error()
+
+    def _submit(self, record: dict | None, tb_prefix: str, line: str) -> None:
+        self._raise_error()
+        self._queue.put((record, tb_prefix, line))
+
+    def _drain(self) -> None:
+        """The writer thread: one JSON line, its TensorBoard scalars and its console line per item, until None."""
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:  # after a failed write, drop the rest; the loop raises the error
+                    self._append(*item)
+            except BaseException as e:  # e.g. a full disk: raised in the loop thread by the next call
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _append(self, record: dict | None, tb_prefix: str, line: str) -> None:
+        if record is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(tb_prefix + k, v, record["step"])
+            self._tb.flush()
+        print(line, flush=True)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _progress_line(self, step: int, record: dict) -> str:
         now = time.time()
@@ -70,10 +116,15 @@ class MetricsWriter:
         done = step - self._first_step
         eta = (now - self._first_time) / done * (self.total_steps - step) if done > 0 else float("nan")
         eta_s = format_duration(eta) if math.isfinite(eta) else "?"
+        if "img_per_s" in record:
+            speed = f"img/s {record['img_per_s']:.1f}"
+        elif "first_step_time_s" in record:  # compilation included: no throughput yet
+            speed = f"first step {record['first_step_time_s']:.1f}s"
+        else:
+            speed = "img/s ?"
         line = (
             f"step {step}/{self.total_steps} epoch {record.get('epoch', 0):.2f} "
-            f"loss {record['loss']:.4f} lr {record['lr']:.3g} "
-            f"img/s {record.get('img_per_s', float('nan')):.1f} "
+            f"loss {record['loss']:.4f} lr {record['lr']:.3g} {speed} "
             f"elapsed {format_duration(now - self._start)} eta {eta_s}"
         )
         if record.get("bad_images_skipped"):
@@ -81,10 +132,18 @@ class MetricsWriter:
         return line
 
     def close(self) -> None:
+        """Writes everything queued, then closes the files; raises if a write failed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if self._jsonl:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb:
             self._tb.close()
+            self._tb = None
+        self._raise_error()
 
 
 def _drop_records_after(path: str, step: int) -> None:
@@ -99,6 +158,10 @@ def _drop_records_after(path: str, step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+
+
+def _record(step: int, metrics: dict) -> dict:
+    return {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
 
 
 def _to_python(v):

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -16,7 +18,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,7 +31,7 @@ from ijepa_jax.models import vit
 def batch_shapes(config, spec: masks.MaskSpec) -> dict:
     """Global shapes of one batch (what the step is compiled for)."""
     b, s = config.data.batch_size, config.data.crop_size
-    k, m, t = spec.context_tokens, spec.num_targets, spec.target_tokens
+    k, m, t = spec.context_len, spec.num_targets, spec.target_len
     return {
         "images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
         "context_idx": jax.ShapeDtypeStruct((b, k), jnp.int32),
@@ -92,7 +93,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def train_batches(exp: Experiment, data_state: dict | None = None):
-    """(global device batch, pipeline position after it) pairs, prefetched; resumes at `data_state`."""
+    """(global device batch, pipeline position after it) pairs, put on the devices by a background
+    thread; resumes at `data_state`. Close it (or use `with`) to stop the thread."""
     c = exp.config
     dataset = pipeline.pretrain_dataset(
         exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count()
@@ -135,6 +137,21 @@ def initial_state(exp: Experiment, manager, workdir: str):
     return exp.init(), None
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled programs in `directory` (or $JAX_COMPILATION_CACHE_DIR, which jax reads itself), so a
+    restart or another run of the same shapes and mesh loads them instead of compiling again.
+
+    jax keys each program on its HLO, devices, compile options and versions, so a
+    changed model or mesh compiles afresh. Call before the first compilation: jax
+    keeps the first directory it used.
+    """
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    if jax.config.jax_compilation_cache_dir and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # jax's default skips programs that compile in under a second: most of a small model's on CPU.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining in `workdir`; returns the metrics of the last step."""
     if not workdir or "://" in workdir:
@@ -142,6 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"--workdir={workdir!r}: give a filesystem path for config, metrics and checkpoints "
             "(on several hosts, one that every host mounts, e.g. a gcsfuse or NFS mount)."
         )
+    use_compilation_cache(config.compilation_cache_dir)
     exp = build(config)
     manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
     try:
@@ -150,11 +168,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(exp.config.to_json_best_effort(indent=2))
         _print_summary(exp)
-        writer = MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))
-        try:
-            state, last = _loop(exp, state, train_batches(exp, data_state), writer, manager)
-        finally:
-            writer.close()
+        # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
+        with (
+            contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
+            train_batches(exp, data_state) as batches,
+        ):
+            state, last = _loop(exp, state, batches, writer, manager)
         manager.wait_until_finished()
         if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps and jax.process_index() == 0:
             path = checkpoint.export_target_encoder(
@@ -166,86 +185,138 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager.close()
 
 
-def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tuple:
-    """Dispatches step k+1 before fetching step k's metrics, so the host never stalls the devices.
+# Each dispatched step holds its batch on the devices: bound how far the host may run ahead of them.
+_MAX_STEPS_AHEAD = 3
 
+
+def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tuple:
+    """Runs the steps after `state.step`, then the periodic actions of each; returns (state, last metrics).
+
+    Steps are dispatched without waiting for them. Metrics stay on the device
+    and are fetched only where they are needed: log steps, saves,
+    evaluations and the last step. In between, running totals on the device
+    count skipped images and remember the first step with a non-finite loss.
     Saves every `checkpoint.every_steps`, at kept epochs, at the end, and at
     the first step boundary after a preemption signal (then returns early).
     """
-    config, train_step = exp.config, exp.train_step
-    steps_per_epoch, total_steps = exp.steps_per_epoch, exp.total_steps
+    config, total_steps = exp.config, exp.total_steps
     start = int(state.step)
-    t_start = time.time()
-    window = {"step": start, "time": t_start}  # throughput is measured between logged steps
-    last = {}
-    skipped_total = 0
-    save_blocked_s = None
-
-    def on_step_done(done: int, metrics) -> None:
-        nonlocal last, skipped_total, save_blocked_s
-        last = _check_finite(done, metrics)
-        skipped_total += int(last.pop("skipped_images", 0))
-        last["bad_images_skipped"] = skipped_total
-        now = time.time()
-        last["epoch"] = done / steps_per_epoch
-        if save_blocked_s is not None:
-            last["checkpoint_blocked_s"], save_blocked_s = save_blocked_s, None
-        if done == start + 1:
-            last["first_step_time_s"] = now - t_start  # compilation + one step
-        elif done % config.log_every_steps == 0 or done == total_steps:
-            steps = done - window["step"]
-            last["step_time_s"] = (now - window["time"]) / steps
-            last["img_per_s"] = config.data.batch_size / last["step_time_s"]
-        else:
-            return
-        writer.write(done, last)
-        window.update(step=done, time=now)
-
-    monitor = None
-    if config.eval.every_epochs > 0:
-        from ijepa_jax import evaluate  # only runs that monitor need the evaluation code
-
-        m = config.model
-        monitor = evaluate.Monitor(config, exp.mesh, m.name, m.patch_size, config.data.crop_size)
-    in_flight = None
+    timer = _Timer(start, config.data.batch_size)
+    totals = jax.jit(_zero_totals, out_shardings=sharding.replicated(exp.mesh))(start)
+    in_flight = collections.deque()  # totals of recent steps: waiting on the oldest bounds the run-ahead
+    monitor = _make_monitor(exp)
+    last, pending = {}, {}  # pending: values that go into the next record
     with checkpoint.PreemptionWatcher(manager) as preemption:
-        for step in range(start, total_steps):
+        for step in range(start + 1, total_steps + 1):  # `step` steps are complete once this one has run
             batch, data_state = next(batches)
-            state, metrics = train_step(state, batch)
-            if in_flight is not None:
-                on_step_done(*in_flight)
-            in_flight = (step + 1, metrics)
-            done = step + 1
-            preempted = preemption.requested(done)
-            save_due = preempted or done == total_steps or checkpoint.is_due(done, config.checkpoint, steps_per_epoch)
-            eval_due = monitor is not None and done % (config.eval.every_epochs * steps_per_epoch) == 0
+            state, metrics = exp.train_step(state, batch)
+            totals = _accumulate(totals, metrics)
+            in_flight.append(totals["step"])
+            if len(in_flight) > _MAX_STEPS_AHEAD:
+                in_flight.popleft().block_until_ready()
+
+            preempted = preemption.requested(step)
+            periodic_save = checkpoint.is_due(step, config.checkpoint, exp.steps_per_epoch)
+            save_due = preempted or periodic_save or step == total_steps
+            eval_due = monitor is not None and step % (config.eval.every_epochs * exp.steps_per_epoch) == 0
+            log_due = step == start + 1 or step % config.log_every_steps == 0 or step == total_steps
+            if log_due or save_due or eval_due:
+                last = _fetch(step, metrics, totals, exp.steps_per_epoch)  # never save a non-finite state
+            if log_due:
+                writer.write(step, {**last, **pending, **timer.lap(step)})
+                pending = {}
             if save_due or eval_due:
-                on_step_done(*in_flight)  # close this step's timing before pausing the loop
-                in_flight = None
-                t = time.time()
-                if save_due:
-                    save_blocked_s = checkpoint.save(manager, done, state, data_state, config)
-                if eval_due:
-                    writer.write_eval(done, monitor(state.target_params))
-                window["time"] += time.time() - t  # throughput excludes checkpointing and evaluation
+                with timer.paused():  # throughput excludes checkpointing and evaluation
+                    if save_due:
+                        pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, data_state, config)
+                    if eval_due:
+                        writer.write_eval(step, monitor(state.target_params))
             if preempted:
                 manager.wait_until_finished()
-                print(f"preempted: saved step {done}; run the same command again to resume.", flush=True)
+                writer.console(f"preempted: saved step {step}; run the same command again to resume.")
                 break
-    if in_flight is not None:
-        on_step_done(*in_flight)
-    print(f"done: {int(state.step) - start} steps in {format_duration(time.time() - t_start)}", flush=True)
+    writer.console(f"done: {int(state.step) - start} steps in {format_duration(timer.elapsed())}")
     return state, last
 
 
-def _check_finite(step: int, metrics) -> dict:
-    values = {k: v.item() for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
+def _zero_totals(start) -> dict:
+    """The device-side running totals at the first step of a run (`start`: the resumed step)."""
+    return {
+        "step": jnp.asarray(start, jnp.int32),
+        "skipped_images": jnp.zeros((), jnp.int32),
+        "first_bad_step": jnp.full((), -1, jnp.int32),  # -1: every loss so far was finite
+        "bad_loss": jnp.zeros((), jnp.float32),
+    }
+
+
+@jax.jit
+def _accumulate(totals: dict, metrics: dict) -> dict:
+    """Totals after one more step: the image count stays exact and the first non-finite loss is kept."""
+    step = totals["step"] + 1
+    newly_bad = ~jnp.isfinite(metrics["loss"]) & (totals["first_bad_step"] < 0)
+    return {
+        "step": step,
+        "skipped_images": totals["skipped_images"] + metrics.get("skipped_images", 0),
+        "first_bad_step": jnp.where(newly_bad, step, totals["first_bad_step"]),
+        "bad_loss": jnp.where(newly_bad, metrics["loss"], totals["bad_loss"]),
+    }
+
+
+def _fetch(step: int, metrics: dict, totals: dict, steps_per_epoch: int) -> dict:
+    """`step`'s metrics as Python numbers (waits for that step); raises if any loss so far was non-finite."""
+    metrics, totals = jax.device_get((metrics, totals))
+    first_bad = int(totals["first_bad_step"])
+    if first_bad >= 0:
         raise FloatingPointError(
-            f"The loss became {values['loss']} at step {step}; stopping (metrics so far are in metrics.jsonl). "
-            "Try a lower optim.lr or a longer optim.warmup_epochs, model.dtype=float32, or check the input data."
+            f"The loss became {float(totals['bad_loss'])} at step {first_bad}; stopping (metrics so far are in "
+            "metrics.jsonl). Try a lower optim.lr or a longer optim.warmup_epochs, model.dtype=float32, "
+            "or check the input data."
         )
+    values = {k: v.item() for k, v in metrics.items() if k != "skipped_images"}
+    values["bad_images_skipped"] = int(totals["skipped_images"])  # since this process started
+    values["epoch"] = step / steps_per_epoch
     return values
+
+
+class _Timer:
+    """Images/s between log steps, not counting time paused for checkpoints and evaluations
+    (big_vision's Chrono, cut down)."""
+
+    def __init__(self, start_step: int, batch_size: int):
+        self.batch_size = batch_size
+        self._start_step = start_step
+        self._start_time = time.perf_counter()
+        self._lap_step, self._lap_time = start_step, self._start_time
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._lap_time += time.perf_counter() - t
+
+    def lap(self, step: int) -> dict:
+        """Timing of the steps since the previous lap; call it only once `step` has finished."""
+        now = time.perf_counter()
+        steps, seconds = step - self._lap_step, now - self._lap_time
+        self._lap_step, self._lap_time = step, now
+        if step == self._start_step + 1:
+            return {"first_step_time_s": seconds}  # compilation included
+        return {"step_time_s": seconds / steps, "img_per_s": self.batch_size * steps / seconds}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start_time
+
+
+def _make_monitor(exp: Experiment):
+    """The k-NN / linear monitor when `eval.every_epochs` > 0, else None."""
+    if exp.config.eval.every_epochs <= 0:
+        return None
+    from ijepa_jax import evaluate  # only runs that monitor need the evaluation code
+
+    c = exp.config
+    return evaluate.Monitor(c, exp.mesh, c.model.name, c.model.patch_size, c.data.crop_size)
 
 
 def _print_summary(exp: Experiment) -> None:

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from ijepa_jax import config_lib  # noqa: E402
@@ -13,6 +14,23 @@ from ijepa_jax import config_lib  # noqa: E402
 SHARED_DATA = os.environ.get(
     "IJEPA_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 )
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole session, its subprocesses and later sessions, in
+    pytest's cache folder (`pytest --cache-clear` empties it; $JAX_COMPILATION_CACHE_DIR, when set, wins).
+    jax keys each program on its HLO, devices, flags and versions, so a changed model or mesh compiles
+    afresh; an unreadable entry costs a warning and a compile."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        if getattr(config, "cache", None) is None:  # -p no:cacheprovider: run without the cache
+            return
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(config.cache.mkdir("jax_compilation_cache"))
+    # Subprocesses read the environment; this process imported jax already, so tell it too.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small CPU programs compile in < 1 s
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+    )
 
 
 def small_config(**overrides):

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.monitoring
@@ -124,19 +125,47 @@ def test_train_step_compiles_once_per_run(run3, tmp_path):
 # non-finite loss
 
 
+def totals(first_bad_step=-1, bad_loss=0.0, skipped_images=0):
+    return {"step": np.int32(9), "skipped_images": np.int32(skipped_images),
+            "first_bad_step": np.int32(first_bad_step), "bad_loss": np.float32(bad_loss)}
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_check_finite_raises_naming_the_step(bad):
-    """A non-finite loss stops the run with FloatingPointError naming the step."""
+def test_fetch_raises_naming_the_first_bad_step(bad):
+    """A non-finite loss stops the run with FloatingPointError naming the first step it happened at,
+    whichever (later) step's metrics are being fetched."""
     metrics = {"loss": np.float32(bad), "lr": np.float32(1e-3)}
-    with pytest.raises(FloatingPointError, match=r"at step 7\b"):
-        train._check_finite(7, metrics)
+    with pytest.raises(FloatingPointError, match=rf"loss became {bad} at step 7\b"):
+        train._fetch(9, metrics, totals(first_bad_step=7, bad_loss=bad), steps_per_epoch=8)
 
 
-def test_absurd_learning_rate_stops_the_run(tmp_path):
+def test_fetch_passes_finite_metrics_as_python_numbers():
+    """Finite metrics come back as plain Python numbers (what the JSON writer needs), with the
+    summed skipped images and the epoch."""
+    metrics = {"loss": np.float32(0.5), "context_tokens": np.float32(6), "skipped_images": np.int32(1)}
+    values = train._fetch(4, metrics, totals(skipped_images=3), steps_per_epoch=8)
+    assert values == {"loss": 0.5, "context_tokens": 6.0, "bad_images_skipped": 3, "epoch": 0.5}
+    assert type(values["loss"]) is float and type(values["bad_images_skipped"]) is int
+
+
+def test_device_totals_keep_the_first_bad_step_and_an_exact_skip_count():
+    """The on-device running totals: skipped images summed over every step (not only fetched ones),
+    the first non-finite step and its loss kept when later steps are bad too."""
+    acc = train._zero_totals(5)
+    losses = [0.3, float("nan"), 0.2, float("inf"), float("nan")]
+    for i, loss in enumerate(losses):
+        acc = train._accumulate(acc, {"loss": np.float32(loss), "skipped_images": np.int32(i)})
+    acc = jax.device_get(acc)
+    assert int(acc["step"]) == 10 and int(acc["skipped_images"]) == 0 + 1 + 2 + 3 + 4
+    assert int(acc["first_bad_step"]) == 7 and np.isnan(acc["bad_loss"])  # steps 6..10: the 2nd is step 7
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_absurd_learning_rate_stops_the_run(tmp_path, log_every):
     """lr = 1e30: step 1 (initial parameters) is finite; its update makes the weights ~1e30, so the
-    LayerNorm variances overflow float32 and step 2's loss is NaN: train() stops there with
-    FloatingPointError, the finite step already logged."""
-    config = small_config(total_steps=6, **{"optim.lr": 1e30, "optim.start_lr": 1e30})
+    LayerNorm variances overflow float32 and step 2's loss is NaN: train() stops with FloatingPointError
+    naming step 2, also when metrics are only fetched at step 4, the finite step 1 already logged."""
+    config = small_config(total_steps=6, log_every_steps=log_every, **{"optim.lr": 1e30, "optim.start_lr": 1e30})
     with pytest.raises(FloatingPointError, match=r"at step 2\b"):
         train.train(config, str(tmp_path))
     records = read_metrics(str(tmp_path))
@@ -144,11 +173,23 @@ def test_absurd_learning_rate_stops_the_run(tmp_path):
     assert math.isfinite(records[0]["loss"])
 
 
-def test_check_finite_passes_finite_metrics_as_python_numbers():
-    """Finite metrics come back as plain Python numbers (what the JSON writer needs)."""
-    values = train._check_finite(3, {"loss": np.float32(0.5), "context_tokens": np.float32(6)})
-    assert values == {"loss": 0.5, "context_tokens": 6.0}
-    assert all(type(v) is float for v in values.values())
+def test_metrics_are_fetched_only_at_log_steps_saves_and_the_end(tmp_path, monkeypatch):
+    """No per-step host sync: with log_every_steps=4 and a save at step 3, a 6-step run fetches metrics
+    at steps 1 (first), 3 (save), 4 (log) and 6 (last) only, writes records 1, 4 and 6, and times the
+    throughput of the steps between them; the reader thread is gone afterwards."""
+    fetched = []
+    fetch = train._fetch
+    monkeypatch.setattr(train, "_fetch", lambda step, *args: fetched.append(step) or fetch(step, *args))
+    config = small_config(total_steps=6, log_every_steps=4, **{"checkpoint.every_steps": 3})
+    last = train.train(config, str(tmp_path))
+    assert fetched == [1, 3, 4, 6]
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 4, 6]
+    assert "first_step_time_s" in records[0] and "img_per_s" not in records[0]
+    assert all(r["img_per_s"] > 0 and r["step_time_s"] > 0 for r in records[1:])
+    assert records[1]["checkpoint_blocked_s"] >= 0  # the step-3 save, reported with the next record
+    assert last["loss"] == records[-1]["loss"]
+    assert not [t for t in threading.enumerate() if t.name in ("prefetch_to_device", "metrics_writer")]
 
 
 # ----------------------------------------------------------------------------

@@ -8,8 +8,11 @@ random streams. Every host sees the same number of batches per epoch.
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import queue
 import signal
+import threading
+import weakref
 
 import grain
 import numpy as np
@@ -84,16 +87,89 @@ def ignore_sigterm(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def prefetch_to_device(iterator, mesh, size: int):
-    """Yield (global device batch, iterator state after that batch), keeping `size` batches in flight.
+def prefetch_to_device(iterator, mesh, size: int) -> "DevicePrefetcher":
+    """Yields (global device batch, iterator state after that batch), keeping `size` batches ready."""
+    return DevicePrefetcher(iterator, mesh, size)
 
-    The state travels with its batch because the iterator runs ahead of the
-    step: a checkpoint must record the position of the last batch *used*.
+
+class DevicePrefetcher:
+    """Iterator of (global device batch, pipeline state after that batch), filled by a background thread.
+
+    The thread reads the grain iterator, records its position and puts the
+    batch on the devices, keeping at most `size` batches ready, so the loop
+    thread only dequeues. The state travels with its batch because the reader
+    runs ahead of the step: a checkpoint must record the position of the last
+    batch *used*. One reader thread and a FIFO queue keep the order; an
+    exception in the thread is raised by the next `next()`. `close()` (also on
+    leaving a `with` block, or when the object is dropped) stops and joins it.
     """
-    queue = collections.deque()
-    for batch in iterator:
-        queue.append((sharding.put_batch(batch, mesh), iterator.get_state()))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+
+    def __init__(self, iterator, mesh, size: int):
+        self._queue = queue.Queue(maxsize=max(size, 1))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=_fill, args=(iterator, mesh, self._queue, self._stop), name="prefetch_to_device", daemon=True
+        )
+        self._thread.start()
+        # Runs on close(), when the iterator is dropped (the thread holds no reference to self), or at exit.
+        self._finalize = weakref.finalize(self, _stop_thread, self._stop, self._thread)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self._done = True
+            self._thread.join()
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stops the reader thread (within one batch) and waits for it."""
+        self._done = True
+        self._finalize()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    if thread is not threading.current_thread():  # a garbage collection may run on the thread itself
+        thread.join()
+
+
+@dataclasses.dataclass
+class _End:
+    error: BaseException | None = None
+
+
+def _fill(iterator, mesh, out: queue.Queue, stop: threading.Event) -> None:
+    """The reader thread: batches in order, then _End (with the exception, if one stopped it)."""
+    try:
+        for batch in iterator:
+            if not _put(out, (sharding.put_batch(batch, mesh), iterator.get_state()), stop):
+                return
+        _put(out, _End(), stop)
+    except BaseException as e:  # handed to the loop thread, which raises it
+        _put(out, _End(e), stop)
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Blocks while the queue is full; False once `stop` is set (the consumer is gone)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
