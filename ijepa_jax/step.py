@@ -41,10 +41,11 @@ class Models:
     loss: str = "smooth_l1"
 
 
-def make_models(config, grid: int) -> Models:
+def make_models(config, grid: int, activation_sharding=None) -> Models:
+    """The modules for `config`; `activation_sharding` (FSDP meshes) pins block inputs to a batch split."""
     return Models(
-        encoder=vit.make_encoder(config.model),
-        predictor=vit.make_predictor(config.model, grid, grid),
+        encoder=vit.make_encoder(config.model, activation_sharding=activation_sharding),
+        predictor=vit.make_predictor(config.model, grid, grid, activation_sharding=activation_sharding),
         mean=tuple(config.data.mean),
         std=tuple(config.data.std),
         loss=config.optim.loss,

@@ -54,12 +54,13 @@ class Experiment:
     init: Callable[[], step_lib.TrainState]  # a fresh, sharded state (built only when a run starts fresh)
     abstract_state: step_lib.TrainState  # shapes, dtypes and shardings: what a checkpoint restores into
     train_step: object  # jitted (state, batch) -> (state, metrics)
+    models: step_lib.Models
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Validate, then build mesh, masks, data source, sharded state and the jitted step."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(mesh_config=config.mesh)
     spec = masks.resolve_spec(config)
     config = ml_collections.ConfigDict(config.to_dict())
     config.mask.context_tokens = spec.context_tokens
@@ -77,11 +78,13 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
     schedules = optim.make_schedules(config.optim, steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedules)
-    models = step_lib.make_models(config, config.data.crop_size // config.model.patch_size)
+    # Pure data parallelism needs no constraint (and keeps its programs unchanged); FSDP does.
+    activations = sharding.batch_sharding(mesh) if mesh.shape[sharding.FSDP_AXIS] > 1 else None
+    models = step_lib.make_models(config, config.data.crop_size // config.model.patch_size, activations)
     init = functools.partial(step_lib.init_state, models=models, tx=tx, batch_shapes=batch_shapes(config, spec))
     rng = jax.random.key(config.seed)
     state_shapes = jax.eval_shape(init, rng)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state_shapes)
+    state_sharding = sharding.state_sharding(state_shapes, mesh)  # replicated unless mesh.fsdp > 1
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_sharding
     )
@@ -89,7 +92,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     train_step = step_lib.jit_train_step(
         models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
     )
-    return Experiment(config, mesh, spec, source, steps_per_epoch, total_steps, fresh_state, abstract_state, train_step)
+    return Experiment(
+        config, mesh, spec, source, steps_per_epoch, total_steps, fresh_state, abstract_state, train_step, models
+    )
 
 
 def train_batches(exp: Experiment, data_state: dict | None = None):
@@ -205,6 +210,11 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
     totals = jax.jit(_zero_totals, out_shardings=sharding.replicated(exp.mesh))(start)
     in_flight = collections.deque()  # totals of recent steps: waiting on the oldest bounds the run-ahead
     monitor = _make_monitor(exp)
+    health_every, health_batch = config.eval.health_every_steps, None
+    if health_every > 0:
+        # A fixed batch (a fresh pipeline's first, i.e. step 1's), so a resumed run measures the same images.
+        with train_batches(exp, None) as fresh:
+            health_batch, _ = next(fresh)
     last, pending = {}, {}  # pending: values that go into the next record
     with checkpoint.PreemptionWatcher(manager) as preemption:
         for step in range(start + 1, total_steps + 1):  # `step` steps are complete once this one has run
@@ -219,24 +229,37 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
             periodic_save = checkpoint.is_due(step, config.checkpoint, exp.steps_per_epoch)
             save_due = preempted or periodic_save or step == total_steps
             eval_due = monitor is not None and step % (config.eval.every_epochs * exp.steps_per_epoch) == 0
+            health_due = health_batch is not None and step % health_every == 0
             log_due = step == start + 1 or step % config.log_every_steps == 0 or step == total_steps
             if log_due or save_due or eval_due:
                 last = _fetch(step, metrics, totals, exp.steps_per_epoch)  # never save a non-finite state
             if log_due:
                 writer.write(step, {**last, **pending, **timer.lap(step)})
                 pending = {}
-            if save_due or eval_due:
+            if save_due or eval_due or health_due:
                 with timer.paused():  # throughput excludes checkpointing and evaluation
                     if save_due:
                         pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, data_state, config)
                     if eval_due:
                         writer.write_eval(step, monitor(state.target_params))
+                    if health_due:
+                        _check_health(step, state, health_batch, exp.models, writer)
             if preempted:
                 manager.wait_until_finished()
                 writer.console(f"preempted: saved step {step}; run the same command again to resume.")
                 break
     writer.console(f"done: {int(state.step) - start} steps in {format_duration(timer.elapsed())}")
     return state, last
+
+
+def _check_health(step: int, state, batch, models, writer: MetricsWriter) -> None:
+    """Representation-health diagnostics on a fixed batch: logged, and a console warning on collapse."""
+    from ijepa_jax.eval import health
+
+    values = health.health_metrics(state.params, state.target_params, batch, models)
+    writer.write_eval(step, values)
+    for warning in health.collapse_warnings(values):
+        writer.console(f"WARNING at step {step}: {warning}")
 
 
 def _zero_totals(start) -> dict:
@@ -341,8 +364,10 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    sharding.maybe_initialize_distributed(FLAGS.distributed)
     try:
+        sharding.maybe_initialize_distributed(
+            FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
         train(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if FLAGS.traceback:
@@ -355,6 +380,9 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (SLURM, TPU pod slices).")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for clusters jax does not detect.")
+    flags.DEFINE_integer("num_processes", -1, "With --coordinator_address: the number of processes.")
+    flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.")
     flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -20,7 +20,7 @@ FAST = {"checkpoint.every_steps": 3, "checkpoint.async_save": True}
 
 def losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def steps_logged(workdir):
@@ -141,6 +141,25 @@ def test_checkpoint_saved_on_8_devices_resumes_on_2(continuous_run, tmp_path):
     expected, got = losses(continuous_run), losses(workdir)
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-4)
+
+
+def test_checkpoint_saved_on_8x1_resumes_fsdp_sharded_on_2x4(continuous_run, tmp_path):
+    """A data-parallel (8 x 1) checkpoint resumes on a 2 x 4 data x fsdp mesh: the state is restored
+    sharded by the FSDP rules and the run continues like the 8 x 1 one. The resumed run also logs the
+    representation-health diagnostics."""
+    workdir = str(tmp_path)
+    train.train(small_config(total_steps=3, **FAST), workdir)
+    config = small_config(total_steps=6, **FAST, **{"mesh.data": 2, "mesh.fsdp": -1, "eval.health_every_steps": 2})
+    train.train(config, workdir)
+    expected, got = losses(continuous_run), losses(workdir)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4)
+    step, state = latest_state(workdir, config)
+    kernel = state.params["encoder"]["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    assert step == 6 and "fsdp" in kernel.sharding.spec
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        health = [r for r in map(json.loads, f) if "health/target_rank_pooled" in r]
+    assert [r["step"] for r in health] == [4, 6] and all(r["health/target_rank_pooled"] > 1 for r in health)
 
 
 def test_exported_target_encoder_loads_back_and_matches_the_checkpoint(tmp_path):

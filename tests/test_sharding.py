@@ -92,3 +92,26 @@ def test_no_settings_start_nothing(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     sharding.maybe_initialize_distributed(False)
     assert jax.process_count() == 1
+
+
+def test_one_train_step_agrees_on_every_mesh_shape():
+    """Loss, gradient norm and the updated parameters and EMA target of one train step are the same on
+    8 x 1 (pure data parallel), 4 x 2, 2 x 4 and 1 x 8 (fully sharded) data x fsdp meshes."""
+    from test_step import host_batch
+
+    results = []
+    for data, fsdp in ((8, 1), (4, 2), (2, 4), (1, 8)):
+        exp = train.build(small_config(**{"mesh.data": data, "mesh.fsdp": fsdp}))
+        state = exp.init()
+        batch = host_batch(exp.config, exp.spec)
+        new, metrics = exp.train_step(state, batch)
+        kernel = new.params["encoder"]["stack"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+        assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
+        results.append(jax.device_get((metrics, new.params, new.target_params)))
+    lr = float(results[0][0]["lr"])
+    for metrics, params, target in results[1:]:
+        np.testing.assert_allclose(metrics["loss"], results[0][0]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], results[0][0]["grad_norm"], rtol=1e-5)
+        # Adam's first step is about lr * sign(g): compare to 0.1 % of one step (see test_step.py).
+        for x, y in zip(jax.tree.leaves((params, target)), jax.tree.leaves(results[0][1:])):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-3 * lr)

@@ -127,9 +127,13 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     mask_is_prefix: bool = False
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, x, key_mask):
+        if self.activation_sharding is not None:
+            # Keep activations split by example: GSPMD would otherwise follow the FSDP-split weights.
+            x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
         norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
         y = norm(name="norm1")(x)
         attn = Attention(self.num_heads, self.dtype, self.attention_impl, self.mask_is_prefix, name="attn")
@@ -156,6 +160,7 @@ class BlockStack(nn.Module):
     remat: bool = False
     remat_policy: str = "full"
     mask_is_prefix: bool = False
+    activation_sharding: Any = None  # a batch sharding to constrain each block's input to (FSDP meshes)
 
     @nn.compact
     def __call__(self, x, key_mask):
@@ -168,6 +173,7 @@ class BlockStack(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             mask_is_prefix=self.mask_is_prefix,
+            activation_sharding=self.activation_sharding,
         )
         if self.scan:
             scanned = nn.scan(
@@ -205,6 +211,7 @@ class Encoder(nn.Module):
     remat: bool = False
     remat_policy: str = "full"
     residual_dtype: Any = jnp.float32
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, images, token_idx=None, token_valid=None):
@@ -235,6 +242,7 @@ class Encoder(nn.Module):
             self.remat,
             self.remat_policy,
             mask_is_prefix=True,  # masks.py packs each context's valid tokens first
+            activation_sharding=self.activation_sharding,
             name="stack",
         )(x, token_valid)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, name="norm")(x)
@@ -263,6 +271,7 @@ class Predictor(nn.Module):
     remat: bool = False
     remat_policy: str = "full"
     residual_dtype: Any = jnp.float32
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, context, context_idx, context_valid, target_idx, target_valid):
@@ -291,6 +300,7 @@ class Predictor(nn.Module):
             self.scan,
             self.remat,
             self.remat_policy,
+            activation_sharding=self.activation_sharding,
             name="stack",
         )(x, key_valid)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="predictor_norm")(x[:, k:])
@@ -303,9 +313,10 @@ def _to_residual_dtype(x, residual_dtype):
     return x if jnp.dtype(residual_dtype) == jnp.float32 else x.astype(residual_dtype)
 
 
-def _stack_options(model_config) -> dict:
+def _stack_options(model_config, activation_sharding=None) -> dict:
     """Encoder/predictor options read from `config.model` (older saved configs may lack the newer keys)."""
     return dict(
+        activation_sharding=activation_sharding,
         attention_impl=model_config.attention_impl or None,
         scan=model_config.scan_layers,
         remat=model_config.remat,
@@ -314,7 +325,7 @@ def _stack_options(model_config) -> dict:
     )
 
 
-def make_encoder(model_config, dtype: Any = None) -> Encoder:
+def make_encoder(model_config, dtype: Any = None, activation_sharding=None) -> Encoder:
     """Encoder from `config.model` (name, patch_size, dtype, scan_layers, remat, ...)."""
     embed_dim, depth, heads, mlp_ratio = VIT_SIZES[model_config.name]
     return Encoder(
@@ -324,11 +335,11 @@ def make_encoder(model_config, dtype: Any = None) -> Encoder:
         num_heads=heads,
         mlp_ratio=mlp_ratio,
         dtype=dtype or jnp.dtype(model_config.dtype),
-        **_stack_options(model_config),
+        **_stack_options(model_config, activation_sharding),
     )
 
 
-def make_predictor(model_config, grid_h: int, grid_w: int, dtype: Any = None) -> Predictor:
+def make_predictor(model_config, grid_h: int, grid_w: int, dtype: Any = None, activation_sharding=None) -> Predictor:
     """Predictor from `config.model` (pred_depth, pred_width; heads = encoder heads)."""
     _, _, heads, _ = VIT_SIZES[model_config.name]
     return Predictor(
@@ -338,7 +349,7 @@ def make_predictor(model_config, grid_h: int, grid_w: int, dtype: Any = None) ->
         depth=model_config.pred_depth,
         num_heads=heads,
         dtype=dtype or jnp.dtype(model_config.dtype),
-        **_stack_options(model_config),
+        **_stack_options(model_config, activation_sharding),
     )
 
 
