@@ -11,7 +11,7 @@ from ijepa_jax import config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
-SMALL_SCALE_FILES = ("cifar100.py", "tiny_imagenet.py")
+SMALL_SCALE_FILES = ("cifar100.py", "tiny_imagenet.py", "in1k_subset.py")
 REFERENCE_FILES = [f for f in CONFIG_FILES if f not in SMALL_SCALE_FILES]
 
 
@@ -117,6 +117,19 @@ def test_tiny_imagenet_configs_read_64px_folders_on_the_cifar_grid(arg):
     assert c.data.source == "folder" and c.eval.test_split == "val"
     cifar = get_config("cifar100.py", arg)
     assert (c.optim.to_dict(), c.mask.to_dict()) == (cifar.optim.to_dict(), cifar.mask.to_dict())
+
+
+@pytest.mark.parametrize("arg", ["1000", "2000"])
+def test_in1k_subset_takes_the_per_class_cap(arg):
+    """in1k_subset.py:N keeps N images per class of an ImageNet folder, ViT-S/16 at 224px, 10 epochs."""
+    c = get_config("in1k_subset.py", arg)
+    c.data.root = "/datasets/imagenet"
+    config_lib.validate(c, num_devices=8)
+    assert c.data.max_samples_per_class == int(arg) and c.data.source == "folder"
+    assert (c.model.name, c.model.patch_size, c.data.crop_size, c.optim.epochs) == ("vit_small", 16, 224, 10)
+    assert c.checkpoint.every_steps == int(arg) * 1000 // 256
+    with pytest.raises(ValueError, match="images per class"):
+        get_config("in1k_subset.py", "all")
 
 
 def test_cifar100_default_arg_is_vit_tiny():
