@@ -85,6 +85,21 @@ def gather_targets(h: jax.Array, target_idx: jax.Array) -> jax.Array:
     return vit.gather_tokens(h, target_idx.reshape(b, m * t)).reshape(b, m, t, -1)
 
 
+def predict(params, images, batch, models: Models) -> jax.Array:
+    """The online encoder on each image's context, then the predictor: (B, M, T, D) predictions."""
+    z = models.encoder.apply(
+        {"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"]
+    )
+    return models.predictor.apply(
+        {"params": params["predictor"]},
+        z,
+        batch["context_idx"],
+        batch["context_valid"],
+        batch["target_idx"],
+        batch["target_valid"],
+    )
+
+
 def loss_fn(params, target_params, batch, models: Models):
     images = normalize(batch["images"], models.mean, models.std)
     # Targets: the EMA encoder sees the whole image; features are LayerNorm-ed
@@ -93,17 +108,7 @@ def loss_fn(params, target_params, batch, models: Models):
     h = jax.nn.standardize(h.astype(jnp.float32), axis=-1, epsilon=1e-5)
     targets = jax.lax.stop_gradient(gather_targets(h, batch["target_idx"]))
 
-    z = models.encoder.apply(
-        {"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"]
-    )
-    pred = models.predictor.apply(
-        {"params": params["predictor"]},
-        z,
-        batch["context_idx"],
-        batch["context_valid"],
-        batch["target_idx"],
-        batch["target_valid"],
-    ).astype(jnp.float32)
+    pred = predict(params, images, batch, models).astype(jnp.float32)
 
     if models.loss == "smooth_l1":
         per_elem = optax.huber_loss(pred, targets, delta=1.0)  # == smooth L1 with beta 1

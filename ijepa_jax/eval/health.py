@@ -91,15 +91,7 @@ def compute_health(params, target_params, batch: dict, models: step_lib.Models) 
     pooled = h.mean(1)
     # The loss's targets: LayerNorm without affine, gathered at the target blocks.
     targets = step_lib.gather_targets(jax.nn.standardize(h, axis=-1, epsilon=1e-5), batch["target_idx"])
-    z = models.encoder.apply({"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"])
-    pred = models.predictor.apply(
-        {"params": params["predictor"]},
-        z,
-        batch["context_idx"],
-        batch["context_valid"],
-        batch["target_idx"],
-        batch["target_valid"],
-    )
+    pred = step_lib.predict(params, images, batch, models)
     valid = batch["target_valid"]
     return {
         "health/target_rank_pooled": effective_rank(pooled),
