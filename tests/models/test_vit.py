@@ -550,15 +550,17 @@ def test_cudnn_arguments_mean_the_same_as_xla_masks(monkeypatch):
 
     xla = step.make_models(config, spec.grid_h)
     cudnn = step.make_models(small_config(**{"model.attention_impl": "cudnn"}), spec.grid_h)
-    state = step.init_state(jax.random.key(0), xla, optax.sgd(0.1), train.batch_shapes(config, spec))
+    shapes = train.batch_shapes(config, spec)
+    state = jax.jit(lambda rng: step.init_state(rng, xla, optax.sgd(0.1), shapes))(jax.random.key(0))
     real = jax.nn.dot_product_attention
 
     def run_on_xla(*args, implementation=None, **kw):
         return real(*args, **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", run_on_xla)
-    loss = float(step.loss_fn(state.params, state.target_params, batch, xla))
-    loss_padded = float(step.loss_fn(state.params, state.target_params, padded, xla))
-    loss_cudnn_args = float(step.loss_fn(state.params, state.target_params, padded, cudnn))
+    loss_fn = jax.jit(step.loss_fn, static_argnames="models")
+    loss = float(loss_fn(state.params, state.target_params, batch, models=xla))
+    loss_padded = float(loss_fn(state.params, state.target_params, padded, models=xla))
+    loss_cudnn_args = float(loss_fn(state.params, state.target_params, padded, models=cudnn))
     np.testing.assert_allclose(loss_padded, loss, rtol=1e-5)
     np.testing.assert_allclose(loss_cudnn_args, loss, rtol=1e-5)
