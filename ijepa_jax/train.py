@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from ijepa_jax import checkpoint, config_lib, masks, optim, sharding
@@ -130,7 +131,7 @@ def initial_state(exp: Experiment, manager, workdir: str):
         state, data_state = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
         print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
         return state, data_state
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if _has_records(os.path.join(workdir, "metrics.jsonl")):
         raise ValueError(
             f"{workdir} holds a previous run's metrics.jsonl but no complete checkpoint to resume; "
             "refusing to start over it. Use a new --workdir, or delete that folder's contents."
@@ -157,6 +158,15 @@ def use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _has_records(path: str) -> bool:
+    """True if a metrics file logged at least one step: an empty file (a crash before the first step,
+    e.g. out of memory while compiling) is no previous run to protect."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return any(line.strip() for line in f)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining in `workdir`; returns the metrics of the last step."""
     if not workdir or "://" in workdir:
@@ -169,6 +179,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
     try:
         state, data_state = initial_state(exp, manager, workdir)
+        if jax.process_count() > 1:
+            # Every process has looked at the work dir before process 0 writes to it.
+            multihost_utils.sync_global_devices("ijepa_jax: start-up decisions made")
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(exp.config.to_json_best_effort(indent=2))

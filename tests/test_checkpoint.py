@@ -230,6 +230,14 @@ def test_metrics_without_a_checkpoint_refuse_a_fresh_start(tmp_path):
         train.train(small_config(total_steps=2), str(tmp_path))
 
 
+def test_an_empty_metrics_file_from_a_crash_before_step_1_does_not_block_the_rerun(tmp_path):
+    """A run that died before its first step (e.g. out of memory while compiling) leaves an empty
+    metrics.jsonl; the re-run starts instead of refusing."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    train.train(small_config(total_steps=1), str(tmp_path))
+    assert steps_logged(str(tmp_path)) == [1]
+
+
 def test_missing_init_from_and_unknown_restore_step_are_errors(continuous_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoints"):
         train.train(small_config(total_steps=1, **{"checkpoint.init_from": str(tmp_path / "nope")}), str(tmp_path))
