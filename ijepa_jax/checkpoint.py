@@ -50,6 +50,9 @@ STREAM_KEYS = (
     "mask.context_tokens",
 )
 EXPORT_FORMAT = "ijepa_jax.target_encoder.v1"
+# Saved beside the config: mask draws fold in the process index and block sizes are drawn per local
+# batch, so a resume on another process count is not an exact continuation.
+PROCESSES_KEY = "saved_by_processes"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -93,7 +96,7 @@ def save(manager, step: int, state, data_state: dict, config) -> float:
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            config=ocp.args.JsonSave({**json.loads(config.to_json_best_effort()), PROCESSES_KEY: jax.process_count()}),
         ),
         force=True,  # the loop decides when to save (see is_due)
     )
@@ -125,6 +128,14 @@ def warn_inexact_resume(saved: dict, config) -> None:
             theirs = tuple(theirs) if isinstance(theirs, list) else theirs
         if theirs != ours:
             logging.warning("resuming with %s=%r (the checkpoint had %r): not an exact continuation", key, ours, theirs)
+    saved_processes = saved.get(PROCESSES_KEY, jax.process_count())
+    if saved_processes != jax.process_count():
+        logging.warning(
+            "resuming on %d processes a checkpoint saved by %d: the masks drawn from here on differ from an "
+            "uninterrupted run's (they depend on the process index and the per-process batch)",
+            jax.process_count(),
+            saved_processes,
+        )
 
 
 def restore(manager, step: int, abstract_state, config, where: str) -> tuple:

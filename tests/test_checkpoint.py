@@ -274,3 +274,18 @@ def test_restoring_an_older_step_with_newer_ones_present_is_refused(continuous_r
 def test_a_url_workdir_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="filesystem path"):
         train.train(small_config(total_steps=1), "gs://bucket/run")
+
+
+def test_resuming_on_another_process_count_is_announced(caplog):
+    """A checkpoint records how many processes saved it; resuming on another count warns that the
+    continuation is not exact (mask draws depend on the process index and per-process batch)."""
+    config = small_config()
+    saved = {**json.loads(config.to_json_best_effort()), checkpoint.PROCESSES_KEY: 2}
+    with caplog.at_level("WARNING"):
+        checkpoint.warn_inexact_resume(saved, config)
+    assert "saved by 2" in caplog.text
+    caplog.clear()
+    saved[checkpoint.PROCESSES_KEY] = 1
+    with caplog.at_level("WARNING"):
+        checkpoint.warn_inexact_resume(saved, config)
+    assert caplog.text == ""
