@@ -98,21 +98,23 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     )
 
 
-def train_batches(exp: Experiment, data_state: dict | None = None):
-    """(global device batch, pipeline position after it) pairs, put on the devices by a background
-    thread; resumes at `data_state`. Close it (or use `with`) to stop the thread."""
+def train_batches(exp: Experiment, start_batch: int = 0):
+    """(global device batch, grain iterator state) pairs from batch `start_batch` on (the number of
+    steps already taken), put on the devices by a background thread. Close it (or use `with`) to
+    stop the thread.
+
+    Resuming by batch index rather than by grain's iterator state keeps a
+    checkpoint portable: that state's format depends on `data.num_workers`.
+    """
     c = exp.config
     dataset = pipeline.pretrain_dataset(
-        exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count()
+        exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count(), start_batch
     )
-    iterator = iter(dataset)
-    if data_state is not None:
-        iterator.set_state(data_state)
-    return pipeline.prefetch_to_device(iterator, exp.mesh, c.data.prefetch_batches)
+    return pipeline.prefetch_to_device(iter(dataset), exp.mesh, c.data.prefetch_batches)
 
 
 def initial_state(exp: Experiment, manager, workdir: str):
-    """(state, data_state): the checkpoint to resume, weights to start from, or a fresh start."""
+    """The state to start from: the checkpoint to resume, weights to start from, or a fresh one."""
     ckpt = exp.config.checkpoint
     steps = sorted(manager.all_steps())
     if ckpt.restore_step >= 0 and ckpt.restore_step not in steps:
@@ -128,9 +130,9 @@ def initial_state(exp: Experiment, manager, workdir: str):
         )
     step = ckpt.restore_step if ckpt.restore_step >= 0 else manager.latest_step()
     if step is not None:
-        state, data_state = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
+        state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
         print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
-        return state, data_state
+        return state
     if _has_records(os.path.join(workdir, "metrics.jsonl")):
         raise ValueError(
             f"{workdir} holds a previous run's metrics.jsonl but no complete checkpoint to resume; "
@@ -139,8 +141,8 @@ def initial_state(exp: Experiment, manager, workdir: str):
     if ckpt.init_from:
         params, target_params = checkpoint.restore_weights(ckpt.init_from, exp.abstract_state, exp.config)
         print(f"initialised weights from {ckpt.init_from}", flush=True)
-        return exp.init().replace(params=params, target_params=target_params), None
-    return exp.init(), None
+        return exp.init().replace(params=params, target_params=target_params)
+    return exp.init()
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -178,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = build(config)
     manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
     try:
-        state, data_state = initial_state(exp, manager, workdir)
+        state = initial_state(exp, manager, workdir)
         if jax.process_count() > 1:
             # Every process has looked at the work dir before process 0 writes to it.
             multihost_utils.sync_global_devices("ijepa_jax: start-up decisions made")
@@ -189,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
         with (
             contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
-            train_batches(exp, data_state) as batches,
+            train_batches(exp, start_batch=int(state.step)) as batches,
         ):
             state, last = _loop(exp, state, batches, writer, manager)
         manager.wait_until_finished()
@@ -226,12 +228,12 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
     health_every, health_batch = config.eval.health_every_steps, None
     if health_every > 0:
         # A fixed batch (a fresh pipeline's first, i.e. step 1's), so a resumed run measures the same images.
-        with train_batches(exp, None) as fresh:
+        with train_batches(exp) as fresh:
             health_batch, _ = next(fresh)
     last, pending = {}, {}  # pending: values that go into the next record
     with checkpoint.PreemptionWatcher(manager) as preemption:
         for step in range(start + 1, total_steps + 1):  # `step` steps are complete once this one has run
-            batch, data_state = next(batches)
+            batch, _ = next(batches)
             state, metrics = exp.train_step(state, batch)
             totals = _accumulate(totals, metrics)
             in_flight.append(totals["step"])
@@ -252,7 +254,8 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
             if save_due or eval_due or health_due:
                 with timer.paused():  # throughput excludes checkpointing and evaluation
                     if save_due:
-                        pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, data_state, config)
+                        position = {"next_batch": step}  # what train_batches resumes from
+                        pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, position, config)
                     if eval_due:
                         writer.write_eval(step, monitor(state.target_params))
                     if health_due:

@@ -39,8 +39,9 @@ def subprocess_train(workdir, overrides, devices=8, wait=True):
     """train.train(small_config(**overrides), workdir) in a fresh process with `devices` CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])
-    code = (
-        "import json, sys; from conftest import small_config; from ijepa_jax import train; "
+    code = (  # grain's worker processes read absl flags: mark them parsed, as app.run would
+        "import json, sys; from absl import flags; flags.FLAGS.mark_as_parsed(); "
+        "from conftest import small_config; from ijepa_jax import train; "
         "train.train(small_config(**json.loads(sys.argv[1])), sys.argv[2])"
     )
     args = [sys.executable, "-c", code, json.dumps(overrides), str(workdir)]
@@ -76,13 +77,25 @@ def test_resume_restores_the_data_position_so_masks_continue(continuous_run, tmp
     config = small_config(total_steps=6, **FAST)
     exp = train.build(config)
     manager, _ = checkpoint.read_only_manager(continuous_run)
-    _, data_state = checkpoint.restore(manager, 3, exp.abstract_state, exp.config, continuous_run)
-    resumed, _ = next(train.train_batches(exp, data_state))
+    state, data_state = checkpoint.restore(manager, 3, exp.abstract_state, exp.config, continuous_run)
+    assert data_state == {"next_batch": 3} and int(state.step) == 3
+    resumed, _ = next(train.train_batches(exp, start_batch=int(state.step)))
     straight = train.train_batches(exp)
     for _ in range(4):
         batch, _ = next(straight)
     for key in ("images", "context_idx", "target_idx", "target_valid"):
         np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(batch[key]))
+
+
+def test_resume_with_another_worker_count_continues_bitwise(continuous_run, tmp_path):
+    """The data position is a batch index, not grain's iterator state (whose format depends on the
+    worker count): a run saved with 0 workers resumes with 2 and matches the continuous run exactly."""
+    workdir = str(tmp_path)
+    train.train(small_config(total_steps=3, **FAST), workdir)
+    proc = subprocess_train(workdir, {"total_steps": 6, **FAST, "data.num_workers": 2})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = losses(continuous_run), losses(workdir)
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
 
 
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
@@ -114,8 +127,8 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         "c = small_config(total_steps=2, **{'checkpoint.every_steps': 2})\n"
         "train.train(c, WORKDIR)\n"
         "exp = train.build(c); m = checkpoint.make_manager(WORKDIR, exp.config.checkpoint, exp.steps_per_epoch)\n"
-        "state, data = train.initial_state(exp, m, WORKDIR)\n"
-        "checkpoint.save(m, 4, state, data, exp.config)\n"
+        "state = train.initial_state(exp, m, WORKDIR)\n"
+        "checkpoint.save(m, 4, state, {'next_batch': 4}, exp.config)\n"
         "time.sleep(0.05); os.kill(os.getpid(), signal.SIGKILL)\n"
     ).replace("WORKDIR", repr(str(tmp_path)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -184,9 +197,9 @@ def test_init_from_takes_weights_but_starts_a_fresh_optimizer(continuous_run, tm
     config = small_config(total_steps=1, **{"checkpoint.init_from": continuous_run})
     exp = train.build(config)
     manager = checkpoint.make_manager(str(tmp_path), exp.config.checkpoint, exp.steps_per_epoch)
-    state, data_state = train.initial_state(exp, manager, str(tmp_path))
+    state = train.initial_state(exp, manager, str(tmp_path))
     _, source = latest_state(continuous_run, small_config(total_steps=6))
-    assert int(state.step) == 0 and data_state is None
+    assert int(state.step) == 0
     for x, y in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(source.target_params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(state.opt_state[0].mu))

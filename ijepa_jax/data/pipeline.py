@@ -62,8 +62,13 @@ def pretrain_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """An infinite iterable of this process's batches (numpy dicts)."""
+    """An infinite iterable of this process's batches (numpy dicts), from batch `start_batch` on.
+
+    Batch k is the same on any number of workers, and its images and masks are
+    the same on any number of processes (each draws its slice of global batch k).
+    """
     local_batch = data_config.batch_size // process_count
     ds = grain.MapDataset.source(source).seed(seed)
     # Shuffle before repeat: each epoch gets its own permutation, never mixed.
@@ -72,6 +77,8 @@ def pretrain_dataset(
     ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.random_map(SampleMasks(spec, process_index))
+    if start_batch:
+        ds = ds[start_batch:]  # random draws stay keyed on the original positions
     # Elements are whole batches here: buffer a few per read thread, not per image.
     threads = data_config.num_threads
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
