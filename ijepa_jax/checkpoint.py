@@ -88,14 +88,17 @@ def is_due(step: int, checkpoint_config, steps_per_epoch: int) -> bool:
     return periodic or kept_epoch
 
 
-def save(manager, step: int, state, data_state: dict, config) -> float:
-    """Starts a save (asynchronous by default); returns the seconds the caller was blocked."""
+def save(manager, step: int, state, config) -> float:
+    """Starts a save (asynchronous by default); returns the seconds the caller was blocked.
+
+    The data position saved is the next batch index, which is the step: batch k
+    is the same for any worker count (see train.train_batches)."""
     t = time.perf_counter()
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave({"next_batch": step}),
             config=ocp.args.JsonSave({**json.loads(config.to_json_best_effort()), PROCESSES_KEY: jax.process_count()}),
         ),
         force=True,  # the loop decides when to save (see is_due)

@@ -279,8 +279,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     unknown = [p for p in e.monitor_protocols.split(",") if p and p not in ("knn", "linear")]
     if unknown or (e.every_epochs and not e.monitor_protocols):
         raise ValueError(f"eval.monitor_protocols={e.monitor_protocols!r}: use 'knn', 'linear' or 'knn,linear'.")
-    if config.mask.pad_multiple == 0 or config.mask.pad_multiple < -1:
-        raise ValueError(f"mask.pad_multiple={config.mask.pad_multiple} must be >= 1, or -1 (8 under cuDNN, else 1).")
     if config.mask.auto_context_batch < 1:
         raise ValueError(f"mask.auto_context_batch={config.mask.auto_context_batch} must be >= 1.")
     k = config.checkpoint

@@ -104,8 +104,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 def resolve_pad_multiple(config) -> int:
     """`mask.pad_multiple`, with -1 meaning 8 under cuDNN attention and 1 otherwise."""
-    if config.mask.pad_multiple > 0:
-        return config.mask.pad_multiple
+    if config.mask.pad_multiple != -1:
+        return config.mask.pad_multiple  # validate() rejects anything below 1
     return 8 if config.model.attention_impl == "cudnn" else 1
 
 
@@ -261,10 +261,9 @@ class MaskSampler:
             order = np.argsort(keys, axis=1)[:, :k]
             order = np.sort(np.where(context_valid, order, s.num_patches), axis=1)
         pad = ((0, 0), (0, s.context_len - k))  # always-invalid slots (pad_multiple)
-        context_valid = np.pad(context_valid, pad)
         out = {
-            "context_idx": np.pad(np.where(context_valid[:, :k], order, 0), pad).astype(np.int32),
-            "context_valid": context_valid,
+            "context_idx": np.pad(np.where(context_valid, order, 0), pad).astype(np.int32),
+            "context_valid": np.pad(context_valid, pad),
             "target_idx": target_idx.reshape(b, m, t),
             "target_valid": target_valid,
         }

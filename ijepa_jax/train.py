@@ -254,8 +254,7 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
             if save_due or eval_due or health_due:
                 with timer.paused():  # throughput excludes checkpointing and evaluation
                     if save_due:
-                        position = {"next_batch": step}  # what train_batches resumes from
-                        pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, position, config)
+                        pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, config)
                     if eval_due:
                         writer.write_eval(step, monitor(state.target_params))
                     if health_due:

@@ -128,7 +128,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         "train.train(c, WORKDIR)\n"
         "exp = train.build(c); m = checkpoint.make_manager(WORKDIR, exp.config.checkpoint, exp.steps_per_epoch)\n"
         "state = train.initial_state(exp, m, WORKDIR)\n"
-        "checkpoint.save(m, 4, state, {'next_batch': 4}, exp.config)\n"
+        "checkpoint.save(m, 4, state, exp.config)\n"
         "time.sleep(0.05); os.kill(os.getpid(), signal.SIGKILL)\n"
     ).replace("WORKDIR", repr(str(tmp_path)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")

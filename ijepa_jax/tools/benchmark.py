@@ -33,16 +33,16 @@ from ijepa_jax import checkpoint, train
 FLAGS = flags.FLAGS
 
 
-def checkpoint_cost(exp, state, data_state, saves: int = 3) -> dict:
+def checkpoint_cost(exp, state, saves: int = 3) -> dict:
     """Seconds the loop is blocked per asynchronous save, seconds until written, and bytes on disk."""
     with tempfile.TemporaryDirectory() as workdir:
         manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
-        checkpoint.save(manager, 0, state, data_state, exp.config)  # first save: one-time set-up
+        checkpoint.save(manager, 0, state, exp.config)  # first save: one-time set-up
         manager.wait_until_finished()
         blocked, total = [], []
         for step in range(1, saves + 1):
             t = time.perf_counter()
-            blocked.append(checkpoint.save(manager, step, state, data_state, exp.config))
+            blocked.append(checkpoint.save(manager, step, state, exp.config))
             manager.wait_until_finished()
             total.append(time.perf_counter() - t)
         step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), str(saves))
@@ -156,14 +156,15 @@ def _fits(memory: dict) -> bool:
 
 
 def compile_step(config):
-    """(experiment, batch iterator, first batch and data position, state, compiled step, seconds)."""
+    """(experiment, batch iterator, first batch, compiled step, seconds to compile).
+
+    Compiled for the abstract state: a batch that does not fit never allocates one."""
     exp = train.build(config)
     batches = train.train_batches(exp)
-    batch, data_state = next(batches)
+    batch, _ = next(batches)
     t = time.perf_counter()
-    state = exp.init()
-    compiled = exp.train_step.lower(state, batch).compile()
-    return exp, batches, (batch, data_state), state, compiled, time.perf_counter() - t
+    compiled = exp.train_step.lower(exp.abstract_state, batch).compile()
+    return exp, batches, batch, compiled, time.perf_counter() - t
 
 
 def benchmark(
@@ -182,15 +183,17 @@ def benchmark(
         if per_device:
             c.data.batch_size = per_device * jax.device_count()
         t = time.perf_counter()
-        exp, batches, (batch, data_state), state, compiled, compile_s = compile_step(c)
+        exp, batches, batch, compiled, compile_s = compile_step(c)
         build_s = time.perf_counter() - t - compile_s
         memory = _memory(compiled)
         if _fits(memory):
             break
         tried.append({"batch_per_device": per_device, **memory})
-        del state, compiled
+        batches.close()
     else:
         raise ValueError(f"no batch in --batch_per_device={batch_per_device} fits: {tried}")
+
+    state = exp.init()
 
     for _ in range(2):
         state, metrics = compiled(state, batch)
@@ -221,7 +224,7 @@ def benchmark(
     xla_per_image = None if step_flops is None else step_flops / c.data.batch_size
     peak = peak or peak_tflops(device_kind)
     stats = jax.local_devices()[0].memory_stats() or {}
-    extra = checkpoint_cost(exp, state, data_state) if measure_checkpoint else {}
+    extra = checkpoint_cost(exp, state) if measure_checkpoint else {}
     return {
         "model": f"{c.model.name}/{c.model.patch_size}",
         "crop_size": c.data.crop_size,
@@ -243,7 +246,7 @@ def benchmark(
         "step_s": round(step_s, 4),
         "img_per_s": round(img_per_s, 1),
         "img_per_s_per_device": round(img_per_s / n_dev, 1),
-        "img_per_s_unsynced": round(steps * c.data.batch_size / total_s, 1),
+        "img_per_s_mean": round(steps * c.data.batch_size / total_s, 1),
         "model_gflops_per_image": round(flops["total"] / 1e9, 3),
         "xla_gflops_per_image": None if xla_per_image is None else round(xla_per_image / 1e9, 3),
         "xla_vs_analytic": None if xla_per_image is None else round(xla_per_image / flops["total"], 3),
