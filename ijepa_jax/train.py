@@ -99,9 +99,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def train_batches(exp: Experiment, start_batch: int = 0):
-    """(global device batch, grain iterator state) pairs from batch `start_batch` on (the number of
-    steps already taken), put on the devices by a background thread. Close it (or use `with`) to
-    stop the thread.
+    """Global device batches from batch `start_batch` on (the number of steps already taken), put on
+    the devices by a background thread. Close it (or use `with`) to stop the thread.
 
     Resuming by batch index rather than by grain's iterator state keeps a
     checkpoint portable: that state's format depends on `data.num_workers`.
@@ -229,11 +228,11 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
     if health_every > 0:
         # A fixed batch (a fresh pipeline's first, i.e. step 1's), so a resumed run measures the same images.
         with train_batches(exp) as fresh:
-            health_batch, _ = next(fresh)
+            health_batch = next(fresh)
     last, pending = {}, {}  # pending: values that go into the next record
     with checkpoint.PreemptionWatcher(manager) as preemption:
         for step in range(start + 1, total_steps + 1):  # `step` steps are complete once this one has run
-            batch, _ = next(batches)
+            batch = next(batches)
             state, metrics = exp.train_step(state, batch)
             totals = _accumulate(totals, metrics)
             in_flight.append(totals["step"])

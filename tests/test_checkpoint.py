@@ -79,10 +79,10 @@ def test_resume_restores_the_data_position_so_masks_continue(continuous_run, tmp
     manager, _ = checkpoint.read_only_manager(continuous_run)
     state, data_state = checkpoint.restore(manager, 3, exp.abstract_state, exp.config, continuous_run)
     assert data_state == {"next_batch": 3} and int(state.step) == 3
-    resumed, _ = next(train.train_batches(exp, start_batch=int(state.step)))
+    resumed = next(train.train_batches(exp, start_batch=int(state.step)))
     straight = train.train_batches(exp)
     for _ in range(4):
-        batch, _ = next(straight)
+        batch = next(straight)
     for key in ("images", "context_idx", "target_idx", "target_valid"):
         np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(batch[key]))
 

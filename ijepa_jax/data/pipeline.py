@@ -95,20 +95,18 @@ def ignore_sigterm(worker_index: int, worker_count: int) -> None:
 
 
 def prefetch_to_device(iterator, mesh, size: int) -> "DevicePrefetcher":
-    """Yields (global device batch, iterator state after that batch), keeping `size` batches ready."""
+    """Yields global device batches, keeping `size` batches ready."""
     return DevicePrefetcher(iterator, mesh, size)
 
 
 class DevicePrefetcher:
-    """Iterator of (global device batch, pipeline state after that batch), filled by a background thread.
+    """Iterator of global device batches, filled by a background thread.
 
-    The thread reads the grain iterator, records its position and puts the
-    batch on the devices, keeping at most `size` batches ready, so the loop
-    thread only dequeues. The state travels with its batch because the reader
-    runs ahead of the step: a checkpoint must record the position of the last
-    batch *used*. One reader thread and a FIFO queue keep the order; an
-    exception in the thread is raised by the next `next()`. `close()` (also on
-    leaving a `with` block, or when the object is dropped) stops and joins it.
+    The thread reads the host iterator and puts each batch on the devices,
+    keeping at most `size` batches ready, so the loop thread only dequeues.
+    One reader thread and a FIFO queue keep the order; an exception in the
+    thread is raised by the next `next()`. `close()` (also on leaving a `with`
+    block, or when the object is dropped) stops and joins it.
     """
 
     def __init__(self, iterator, mesh, size: int):
@@ -164,7 +162,7 @@ def _fill(iterator, mesh, out: queue.Queue, stop: threading.Event) -> None:
     """The reader thread: batches in order, then _End (with the exception, if one stopped it)."""
     try:
         for batch in iterator:
-            if not _put(out, (sharding.put_batch(batch, mesh), iterator.get_state()), stop):
+            if not _put(out, sharding.put_batch(batch, mesh), stop):
                 return
         _put(out, _End(), stop)
     except BaseException as e:  # handed to the loop thread, which raises it

@@ -161,7 +161,7 @@ def compile_step(config):
     Compiled for the abstract state: a batch that does not fit never allocates one."""
     exp = train.build(config)
     batches = train.train_batches(exp)
-    batch, _ = next(batches)
+    batch = next(batches)
     t = time.perf_counter()
     compiled = exp.train_step.lower(exp.abstract_state, batch).compile()
     return exp, batches, batch, compiled, time.perf_counter() - t
@@ -211,7 +211,7 @@ def benchmark(
     pipeline_img_s = None
     if pipeline_batches:
         t = time.perf_counter()
-        for b, _ in itertools.islice(batches, pipeline_batches):
+        for b in itertools.islice(batches, pipeline_batches):
             jax.block_until_ready(b)
         pipeline_img_s = pipeline_batches * c.data.batch_size / (time.perf_counter() - t)
 

@@ -1,4 +1,4 @@
-"""prefetch_to_device: order, positions, errors and shutdown of the background thread."""
+"""prefetch_to_device: order, errors and shutdown of the background thread."""
 
 import gc
 import threading
@@ -12,7 +12,7 @@ from ijepa_jax.data import pipeline
 
 
 class Counting:
-    """A grain-like iterator: batch i holds the value i; get_state() is the position after the last batch."""
+    """An endless (or `n`-batch) iterator: batch i holds the value i."""
 
     def __init__(self, n=None, fail_at=None):
         self.i, self.n, self.fail_at = 0, n, fail_at
@@ -28,28 +28,24 @@ class Counting:
         self.i += 1
         return {"x": np.full((8, 2), self.i - 1, np.int32)}
 
-    def get_state(self):
-        return {"position": self.i}
-
 
 def reader_threads():
     return [t for t in threading.enumerate() if t.name == "prefetch_to_device" and t.is_alive()]
 
 
-def test_batches_come_in_order_with_the_position_after_each():
-    """Global device arrays, in the iterator's order, each with the state right after it; then the end."""
+def test_batches_come_in_order_as_global_device_arrays():
+    """Global device arrays split over the mesh, in the iterator's order; then the end."""
     mesh = sharding.make_mesh()
     with pipeline.prefetch_to_device(Counting(n=5), mesh, size=2) as batches:
         items = list(batches)
-    assert [int(b["x"][0, 0]) for b, _ in items] == [0, 1, 2, 3, 4]
-    assert [s["position"] for _, s in items] == [1, 2, 3, 4, 5]
-    assert items[0][0]["x"].sharding == sharding.batch_sharding(mesh)
+    assert [int(b["x"][0, 0]) for b in items] == [0, 1, 2, 3, 4]
+    assert items[0]["x"].sharding == sharding.batch_sharding(mesh)
     assert not reader_threads()
 
 
 def test_an_error_in_the_reader_reaches_the_loop_after_the_batches_before_it():
     with pipeline.prefetch_to_device(Counting(fail_at=3), sharding.make_mesh(), size=2) as batches:
-        assert [int(next(batches)[0]["x"][0, 0]) for _ in range(3)] == [0, 1, 2]
+        assert [int(next(batches)["x"][0, 0]) for _ in range(3)] == [0, 1, 2]
         with pytest.raises(ValueError, match="unreadable batch 3"):
             next(batches)
     assert not reader_threads()

@@ -1,0 +1,210 @@
+"""The real train command on two JAX processes (localhost, CPU, gloo collectives, 2 devices each).
+
+Each process runs `python -m ijepa_jax.train` with --coordinator_address /
+--num_processes / --process_id, through a thin wrapper that also writes a
+digest of every crop its input pipeline hands to the devices. Checked: finite,
+falling losses; the hosts see disjoint slices that together are the
+one-process stream; checkpoints move between 2 and 1 processes both ways;
+SIGTERM to one process makes both save at the same step and exit 0.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from ijepa_jax import masks
+from ijepa_jax.data import pipeline, sources
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900  # a loaded 2-core machine compiles two processes at once
+
+# Runs the train module as __main__ (its flags, its error handling), recording this process's crops.
+WORKER = """
+import hashlib, os, runpy, sys
+import jax
+from ijepa_jax.data import pipeline
+
+def recording(iterator, mesh, size):
+    path = os.path.join(os.environ["SEEN_DIR"], f"seen_{jax.process_index()}.txt")
+    def tee():
+        with open(path, "a") as f:
+            for batch in iterator:
+                f.writelines(hashlib.sha1(image.tobytes()).hexdigest() + "\\n" for image in batch["images"])
+                f.flush()
+                yield batch
+    return original(tee(), mesh, size)
+
+original, pipeline.prefetch_to_device = pipeline.prefetch_to_device, recording
+sys.argv = ["ijepa_jax.train"] + sys.argv[1:]
+runpy.run_module("ijepa_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+# small_config as command-line overrides (synthetic 16px images, ViT-micro/4, global batch 8).
+SMALL = [
+    "--config", "configs/cifar100.py:vit_tiny",
+    "--config.data.source=synthetic", "--config.data.synthetic_images=64", "--config.data.crop_size=16",
+    "--config.data.batch_size=8", "--config.data.num_threads=1",
+    "--config.model.name=vit_micro", "--config.model.pred_depth=1", "--config.model.pred_width=32",
+    "--config.mask.min_keep=2", "--config.mask.num_targets=2", "--config.mask.target_scale=(0.25,0.3)",
+    "--config.mask.target_aspect=(1,1)", "--config.mask.context_scale=(0.9,1.0)", "--config.mask.context_tokens=6",
+    "--config.optim.epochs=300", "--config.optim.warmup_epochs=1", "--config.optim.lr=0.001",
+    "--config.optim.start_lr=0.0001", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
+    "--config.checkpoint.export_at_end=False",
+]
+DEVICES_PER_PROCESS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(workdir, devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), SEEN_DIR=str(workdir))
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start(workdir, num_processes: int, *args) -> list[subprocess.Popen]:
+    """`num_processes` train processes over 4 devices in all, logging to workdir/../log_<i>.txt."""
+    os.makedirs(workdir, exist_ok=True)
+    command = [sys.executable, "-c", WORKER, "--workdir", str(workdir), *SMALL, *args]
+    if num_processes == 1:
+        return [_popen(command, workdir, 0, 2 * DEVICES_PER_PROCESS)]
+    cluster = [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={num_processes}"]
+    return [
+        _popen(command + cluster + [f"--process_id={i}"], workdir, i, DEVICES_PER_PROCESS) for i in range(num_processes)
+    ]
+
+
+def _popen(command, workdir, index, devices):
+    log_path = os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}_log_{index}.txt")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(workdir, devices), stdout=log, stderr=subprocess.STDOUT)
+    process.log_path = log_path
+    return process
+
+
+def finish(processes) -> list[str]:
+    """Waits for every process; returns their logs; fails with the logs if one did not exit 0."""
+    codes = []
+    for p in processes:
+        try:
+            codes.append(p.wait(timeout=TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            for q in processes:
+                q.kill()
+            codes.append("timeout")
+    logs = []
+    for p in processes:
+        with open(p.log_path) as f:
+            logs.append(f.read())
+    assert codes == [0] * len(processes), "\n\n".join(f"exit {c}:\n{log[-3000:]}" for c, log in zip(codes, logs))
+    return logs
+
+
+def run(workdir, num_processes: int, *args) -> list[str]:
+    return finish(start(workdir, num_processes, *args))
+
+
+def records(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def seen(workdir, process: int) -> list[str]:
+    with open(os.path.join(workdir, f"seen_{process}.txt")) as f:
+        return f.read().split()
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+
+
+def one_process_stream(workdir, num_batches: int) -> list[str]:
+    """Digests of the first global batches as one process draws them for the run's resolved config."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    source = sources.make_source(config.data, seed=config.seed)
+    spec = masks.resolve_spec(config)
+    it = iter(pipeline.pretrain_dataset(source, config.data, spec, config.seed))
+    return [hashlib.sha1(image.tobytes()).hexdigest() for _ in range(num_batches) for image in next(it)["images"]]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """4 steps on 2 processes, saving at the end."""
+    workdir = tmp_path_factory.mktemp("mp") / "two"
+    logs = run(workdir, 2, "--config.total_steps=4")
+    return workdir, logs
+
+
+def test_two_processes_train_with_finite_falling_losses(two_process_run):
+    workdir, logs = two_process_run
+    losses = [r["loss"] for r in records(workdir)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert "devices: 4 (cpu), processes: 2" in logs[0]
+    for i, log in enumerate(logs):  # each process announces its rank and its devices once
+        assert log.count(f"process {i}/2: local devices") == 1
+    assert checkpoint_steps(workdir) == [4]
+
+
+def test_each_host_sees_its_own_half_of_every_global_batch(two_process_run):
+    """Per step each host gets 4 crops; the hosts' crops are disjoint and together equal the one-process stream."""
+    workdir, _ = two_process_run
+    host0, host1 = seen(workdir, 0), seen(workdir, 1)
+    batches = min(len(host0), len(host1)) // 4
+    assert batches >= 4  # the reader runs ahead of the steps
+    assert not set(host0) & set(host1)
+    expected = one_process_stream(workdir, batches)
+    for k in range(batches):
+        together = host0[4 * k : 4 * k + 4] + host1[4 * k : 4 * k + 4]
+        assert sorted(together) == sorted(expected[8 * k : 8 * k + 8]), f"global batch {k}"
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path):
+    workdir, _ = two_process_run
+    logs = run(workdir, 1, "--config.total_steps=6")
+    steps = [r["step"] for r in records(workdir)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert "resumed from" in logs[0] and "step 4" in logs[0]
+    assert "resuming on 1 processes a checkpoint saved by 2" in logs[0]
+    assert all(math.isfinite(r["loss"]) for r in records(workdir))
+    assert checkpoint_steps(workdir) == [4, 6]
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(tmp_path):
+    workdir = tmp_path / "one"
+    run(workdir, 1, "--config.total_steps=2")
+    logs = run(workdir, 2, "--config.total_steps=4")
+    assert [r["step"] for r in records(workdir)] == [1, 2, 3, 4]
+    assert "resuming on 2 processes a checkpoint saved by 1" in logs[0]
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_sigterm_to_one_process_saves_both_at_the_same_step_and_exits_0(tmp_path):
+    workdir = tmp_path / "preempt"
+    processes = start(workdir, 2, "--config.total_steps=2000")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (os.path.exists(workdir / "metrics.jsonl") and len(records(workdir)) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "no progress"
+        time.sleep(0.5)
+    processes[1].send_signal(signal.SIGTERM)
+    logs = finish(processes)
+    saved = [int(log.split("preempted: saved step ")[1].split(";")[0]) for log in logs]
+    assert saved[0] == saved[1] >= 3
+    assert checkpoint_steps(workdir) == [saved[0]]  # not a periodic save: every_steps is 1000
+    assert records(workdir)[-1]["step"] <= saved[0]
