@@ -208,11 +208,15 @@ def unstack_blocks(params):
 def export_target_encoder(target_params, config, path: str) -> str:
     """Write the target (EMA) encoder to one msgpack file: {'format', 'model', 'params'}.
 
+    Every process calls it (sharded parameters are gathered first); process 0 writes.
+
     'model' holds name, patch_size and crop_size; 'params' is the encoder's
     Flax parameter tree with unrolled blocks ('stack/blocks_i/...'), so it
     loads into `models.vit.Encoder(scan=False)`.
     """
-    params = unstack_blocks(jax.tree.map(np.asarray, jax.device_get(target_params)))
+    params = unstack_blocks(jax.tree.map(np.asarray, sharding.to_host(target_params)))
+    if jax.process_index() != 0:
+        return path
     payload = {
         "format": EXPORT_FORMAT,
         "model": {

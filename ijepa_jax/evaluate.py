@@ -141,6 +141,7 @@ def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -
     cache_dir = os.path.join(out_dir, "feature_cache")
     t = time.time()
     extractor = features_lib.make_extractor(enc.encoder, config.data.mean, config.data.std, mesh)
+    enc = dataclasses.replace(enc, params=jax.device_put(enc.params, sharding.replicated(mesh)))
     train_f, train_y, hit_a = features_of(config, enc, train_src, config.eval.train_split, cache_dir, mesh, extractor)
     test_f, test_y, hit_b = features_of(config, enc, test_src, config.eval.test_split, cache_dir, mesh, extractor)
     extraction_s = time.time() - t

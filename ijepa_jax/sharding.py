@@ -16,6 +16,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -93,6 +94,16 @@ def state_sharding(abstract_state, mesh):
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def to_host(tree):
+    """Whole numpy values of a pytree of global arrays, sharded or not, on every process.
+
+    With several processes each holds only its shards, so this is a collective:
+    every process must call it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def put_batch(local_batch: dict, mesh) -> dict:

@@ -194,11 +194,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ):
             state, last = _loop(exp, state, batches, writer, manager)
         manager.wait_until_finished()
-        if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps and jax.process_index() == 0:
+        if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
             path = checkpoint.export_target_encoder(
                 state.target_params, exp.config, os.path.join(workdir, "target_encoder.msgpack")
             )
-            print(f"exported the target encoder to {path}", flush=True)
+            if jax.process_index() == 0:
+                print(f"exported the target encoder to {path}", flush=True)
         return last
     finally:
         manager.close()

@@ -5,7 +5,8 @@ Each process runs `python -m ijepa_jax.train` with --coordinator_address /
 digest of every crop its input pipeline hands to the devices. Checked: finite,
 falling losses; the hosts see disjoint slices that together are the
 one-process stream; checkpoints move between 2 and 1 processes both ways;
-SIGTERM to one process makes both save at the same step and exit 0.
+SIGTERM to one process makes both save at the same step and exit 0; an FSDP
+state split over both processes is monitored and exported.
 """
 
 import glob
@@ -19,7 +20,9 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from ijepa_jax import masks
@@ -208,3 +211,31 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step_and_exits_0(tmp_path
     assert saved[0] == saved[1] >= 3
     assert checkpoint_steps(workdir) == [saved[0]]  # not a periodic save: every_steps is 1000
     assert records(workdir)[-1]["step"] <= saved[0]
+
+
+def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path):
+    """mesh.fsdp=4 splits ViT-Tiny's kernels over both processes' devices. The k-NN monitor and the
+    end-of-run export work on the sharded state and agree with a one-process restore of its checkpoint."""
+    from flax import serialization
+
+    from ijepa_jax import checkpoint, evaluate, sharding
+
+    workdir = tmp_path / "fsdp"
+    fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.model.name=vit_tiny",
+            "--config.model.pred_width=48", "--config.model.scan_layers=True"]
+    run(workdir, 2, "--config.total_steps=8", "--config.eval.every_epochs=1",
+        "--config.checkpoint.export_at_end=True", *fsdp)
+    knn_logged = [r for r in records(workdir) if "eval/knn_k20" in r]
+    assert [r["step"] for r in knn_logged] == [8]
+
+    params, config, step = checkpoint.restore_target_encoder(str(workdir))
+    assert step == 8
+    with open(workdir / "target_encoder.msgpack", "rb") as f:
+        exported = serialization.msgpack_restore(f.read())["params"]
+    assert jax.tree.structure(exported) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+    mesh = sharding.make_mesh()
+    monitor = evaluate.Monitor(config, mesh, config.model.name, config.model.patch_size, config.data.crop_size)
+    assert monitor(params)["eval/knn_k20"] == pytest.approx(knn_logged[0]["eval/knn_k20"], abs=1e-6)

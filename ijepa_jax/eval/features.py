@@ -56,14 +56,15 @@ class CentreCrop(grain.transforms.Map):
 
 
 def make_extractor(encoder: vit.Encoder, mean, std, mesh):
-    """A jitted (params, uint8 images) -> pooled features, batch-sharded over `mesh`."""
+    """A jitted (params, uint8 images) -> pooled features, batch-sharded over `mesh`. The parameters
+    keep the sharding they come with (a sharded train state's, or replicated)."""
 
     def extract(params, images):
         return pooled_layer_features(encoder, params, normalize(images, mean, std))
 
     return jax.jit(
         extract,
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        in_shardings=(None, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),  # every process gets all features back (they are small)
     )
 
@@ -85,7 +86,7 @@ def extract_features(extractor, params, source, image_size: int, batch_size: int
         features.append(np.asarray(out)[:n])
         labels.append(batch["label"])
         done += n
-        if jax.process_index() == 0 and (i + 1) % 20 == 0 or i + 1 == num_batches:
+        if jax.process_index() == 0 and ((i + 1) % 20 == 0 or i + 1 == num_batches):
             rate = done / max(time.time() - t0, 1e-9)
             print(f"features {name}: {i + 1}/{num_batches} batches, {rate:.0f} img/s", flush=True)
     return np.concatenate(features), np.concatenate(labels).astype(np.int32)
