@@ -1,8 +1,9 @@
 """Linear probes on cached features, a whole hyper-parameter sweep trained at once.
 
-Every (lr, weight decay) pair is one head; all heads train together in one
-jitted loop (SGD, momentum 0.9, cosine lr, L2 weight decay, cross-entropy),
-so a sweep costs about as much as one probe. The protocol: choose the pair on
+Every (lr, weight decay) pair is one head; all heads train together (SGD,
+momentum 0.9, cosine lr, L2 weight decay, cross-entropy), so a sweep costs
+about as much as one probe. Features stay in host memory and reach the
+device in blocks of steps, so ImageNet-scale feature sets need not fit on it. The protocol: choose the pair on
 a held-out 10% of the training features, retrain it on all of them, report
 top-1 / top-5 on the test split. The optional BatchNorm without affine
 parameters before the head is applied with the training set's statistics.
@@ -32,6 +33,7 @@ class ProbeSettings:
     batch_size: int = 1024
     val_fraction: float = 0.1
     seed: int = 0
+    block_mib: float = 256  # features sent to the device at a time (see train_heads)
 
     @classmethod
     def from_config(cls, eval_config) -> "ProbeSettings":
@@ -60,55 +62,72 @@ class Standardize:
         return ((x - self.mean) / self.std).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
-def _train_heads(x, y, lrs, wds, key, *, num_classes: int, epochs: int, batch_size: int):
-    """Heads (H, F, C), (H, C) trained jointly; lrs / wds: (H,)."""
-    n, f = x.shape
-    h = lrs.shape[0]
-    steps_per_epoch = max(n // batch_size, 1)
-    total = epochs * steps_per_epoch
-    params = (jnp.zeros((h, f, num_classes)), jnp.zeros((h, num_classes)))
-    velocity = jax.tree.map(jnp.zeros_like, params)
+def _loss(params, xb, yb):
+    logits = jnp.einsum("bf,hfc->hbc", xb, params[0]) + params[1][:, None]
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[None, :, None], axis=-1).mean(axis=(1, 2))
+    return ce.sum()  # heads are independent: the sum's gradient is each head's own
 
-    def loss(p, xb, yb):
-        logits = jnp.einsum("bf,hfc->hbc", xb, p[0]) + p[1][:, None]
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[None, :, None], axis=-1).mean(axis=(1, 2))
-        return ce.sum()  # heads are independent: the sum's gradient is each head's own
 
-    batch = min(batch_size, n)
+@functools.partial(jax.jit, static_argnames=("batch",))
+def _train_block(carry, xs, ys, lrs, wds, first_step, total_steps, *, batch: int):
+    """SGD steps on consecutive `batch`-sized slices of (xs, ys), from global step `first_step` on."""
 
-    def step(carry, i, perm):
+    def step(carry, i):
         p, v = carry
-        idx = jax.lax.dynamic_slice(perm, ((i % steps_per_epoch) * batch,), (batch,))
-        g = jax.grad(loss)(p, x[idx], y[idx])
-        scale = 0.5 * (1 + jnp.cos(jnp.pi * i / total))
+        xb = jax.lax.dynamic_slice_in_dim(xs, i * batch, batch)
+        yb = jax.lax.dynamic_slice_in_dim(ys, i * batch, batch)
+        g = jax.grad(_loss)(p, xb, yb)
+        scale = 0.5 * (1 + jnp.cos(jnp.pi * (first_step + i) / total_steps))
         g = (g[0] + wds[:, None, None] * p[0], g[1])
         v = jax.tree.map(lambda vv, gg: 0.9 * vv + gg, v, g)
         p = (p[0] - (lrs * scale)[:, None, None] * v[0], p[1] - (lrs * scale)[:, None] * v[1])
         return (p, v), None
 
-    def epoch(carry, e):
-        perm = jax.random.permutation(jax.random.fold_in(key, e), n)  # one shuffle per epoch
-        steps = e * steps_per_epoch + jnp.arange(steps_per_epoch)
-        return jax.lax.scan(lambda c, i: step(c, i, perm), carry, steps)[0], None
-
-    (params, _), _ = jax.lax.scan(epoch, (params, velocity), jnp.arange(epochs))
-    return params
+    return jax.lax.scan(step, carry, jnp.arange(len(xs) // batch))[0]
 
 
-def _predict(params, x) -> np.ndarray:
-    return np.asarray(jnp.einsum("bf,hfc->hbc", x, params[0]) + params[1][:, None])
+def train_heads(x, y, lrs, wds, key, *, num_classes: int, epochs: int, batch_size: int, block_mib: float = 256):
+    """Heads (H, F, C), (H, C) trained jointly; lrs / wds: (H,).
+
+    SGD with momentum 0.9, a cosine lr over all steps and L2 weight decay; one
+    shuffle per epoch (the epoch's `batch_size`-sized steps, the remainder
+    dropped). The features stay on the host: each epoch goes to the device in
+    blocks of at most `block_mib` MiB of consecutive steps, so neither the
+    features nor an epoch of them has to fit in device memory.
+    """
+    n, f = x.shape
+    h = len(lrs)
+    batch = min(batch_size, n)
+    steps_per_epoch = max(n // batch, 1)
+    total = epochs * steps_per_epoch
+    steps_per_block = max(1, min(steps_per_epoch, int(block_mib * 2**20) // (batch * f * 4)))
+    params = (jnp.zeros((h, f, num_classes)), jnp.zeros((h, num_classes)))
+    carry = (params, jax.tree.map(jnp.zeros_like, params))
+    lrs, wds = jnp.asarray(lrs, jnp.float32), jnp.asarray(wds, jnp.float32)
+    for e in range(epochs):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
+        for first in range(0, steps_per_epoch, steps_per_block):
+            count = min(steps_per_block, steps_per_epoch - first)
+            idx = perm[first * batch : (first + count) * batch]
+            carry = _train_block(carry, jnp.asarray(x[idx], jnp.float32), jnp.asarray(y[idx], jnp.int32), lrs, wds,
+                                 e * steps_per_epoch + first, total, batch=batch)
+    return carry[0]
+
+
+def _predict(params, x, chunk: int = 8192) -> np.ndarray:
+    """(H, N, C) logits, the features going to the device `chunk` at a time."""
+    logits = lambda xb: jnp.einsum("bf,hfc->hbc", xb, params[0]) + params[1][:, None]  # noqa: E731
+    return np.concatenate([np.asarray(logits(jnp.asarray(x[i : i + chunk]))) for i in range(0, len(x), chunk)], axis=1)
 
 
 def train_and_score(train_x, train_y, test_x, test_y, num_classes, grid, settings: ProbeSettings) -> list[dict]:
     """One head per (lr, wd) in `grid`, trained on train, scored on test."""
-    lrs = jnp.asarray([g[0] for g in grid], jnp.float32)
-    wds = jnp.asarray([g[1] for g in grid], jnp.float32)
-    params = _train_heads(
-        jnp.asarray(train_x), jnp.asarray(train_y), lrs, wds, jax.random.key(settings.seed),
+    params = train_heads(
+        train_x, np.asarray(train_y), [g[0] for g in grid], [g[1] for g in grid], jax.random.key(settings.seed),
         num_classes=num_classes, epochs=settings.epochs, batch_size=settings.batch_size,
+        block_mib=settings.block_mib,
     )
-    scores = _predict(params, jnp.asarray(test_x))
+    scores = _predict(params, test_x)
     return [
         {"lr": float(lr), "weight_decay": float(wd), "top1": topk_accuracy(s, test_y, 1),
          "top5": topk_accuracy(s, test_y, 5)}

@@ -61,3 +61,43 @@ def test_low_shot_uses_balanced_deterministic_splits(monkeypatch):
     assert a == b and len(a["top1_per_seed"]) == 2
     assert not np.array_equal(first[0], first[1])  # seeds draw different images
     assert all(np.array_equal(p, q) for p, q in zip(first, seen[2:]))
+
+
+def numpy_heads(x, y, lrs, wds, perms, num_classes, batch):
+    """The probe's SGD in float64 numpy: momentum 0.9, cosine lr over all steps, L2 decay on the weights."""
+    n, f = x.shape
+    steps = n // batch
+    total = len(perms) * steps
+    w, b = np.zeros((len(lrs), f, num_classes)), np.zeros((len(lrs), num_classes))
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for e, perm in enumerate(perms):
+        for s in range(steps):
+            idx = perm[s * batch : (s + 1) * batch]
+            logits = np.einsum("bf,hfc->hbc", x[idx], w) + b[:, None]
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            p[:, np.arange(batch), y[idx]] -= 1  # d(mean cross-entropy)/d(logits) * batch
+            gw = np.einsum("bf,hbc->hfc", x[idx], p) / batch + np.asarray(wds)[:, None, None] * w
+            gb = p.sum(1) / batch
+            vw, vb = 0.9 * vw + gw, 0.9 * vb + gb
+            lr = np.asarray(lrs) * 0.5 * (1 + np.cos(np.pi * (e * steps + s) / total))
+            w, b = w - lr[:, None, None] * vw, b - lr[:, None] * vb
+    return w, b
+
+
+def test_heads_equal_a_numpy_sgd_however_the_features_are_streamed():
+    """Blocks of one step, of a few steps, or a whole epoch on the device give the numpy oracle's heads."""
+    import jax
+
+    x, y = separable(n_per_class=20, classes=3, dim=6, seed=2)
+    x = probe.select_variant(x, "last") - 50.0
+    lrs, wds, epochs, batch = [0.05, 0.5], [0.0, 1e-3], 3, 16
+    key = jax.random.key(7)
+    perms = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), len(x))) for e in range(epochs)]
+    w, b = numpy_heads(x.astype(np.float64), y, lrs, wds, perms, 3, batch)
+    step_mib = batch * x.shape[1] * 4 / 2**20
+    for block_mib in (step_mib, 2.5 * step_mib, 256):
+        ours = probe.train_heads(x, y, lrs, wds, key, num_classes=3, epochs=epochs, batch_size=batch,
+                                 block_mib=block_mib)
+        np.testing.assert_allclose(np.asarray(ours[0]), w, rtol=1e-4, atol=1e-5, err_msg=f"block {block_mib} MiB")
+        np.testing.assert_allclose(np.asarray(ours[1]), b, rtol=1e-4, atol=1e-5)
