@@ -68,7 +68,14 @@ class SkipBadImages:
 
     def __init__(self, source, fail: bool = False):
         self.source, self.fail = source, fail
-        self.labels, self.class_names = source.labels, source.class_names
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels  # read only when asked: a TFDS source reads every record for them
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.class_names
 
     def __len__(self) -> int:
         return len(self.source)

@@ -9,10 +9,13 @@ images (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) come back as RGB.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ijepa_jax.data.transforms import BadImageError, decode_image
 
@@ -31,7 +34,8 @@ class TfdsSource:
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.data_dir = os.path.expanduser(data_dir) if data_dir else None
         where = f"TFDS dataset {name!r} (split {split!r}, data_dir {self.data_dir or '<TFDS default>'!r})"
-        info = _prepared_builder(name, self.data_dir, where).info
+        builder = _prepared_builder(name, self.data_dir, where)
+        info, self._dataset_dir = builder.info, str(builder.data_dir)
         for role, key in (("image_key", image_key), ("label_key", label_key)):
             if key not in info.features:
                 raise ValueError(
@@ -91,13 +95,32 @@ class TfdsSource:
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        """Every record's label (int32), read once with image decoding skipped."""
+        """Every record's label (int32). Read once per dataset, split and label key, with image decoding
+        skipped (a pass over every record: minutes for ImageNet), then kept in a cache file that
+        later starts, resumes, other processes and evaluations load instead (`label_cache_paths`)."""
         n = len(self._reader)
-        out = np.empty(n, np.int32)
+        paths = self.label_cache_paths()
+        for path in paths:
+            labels = _load_labels(path, n)
+            if labels is not None:
+                return labels
+        labels = np.empty(n, np.int32)
         for start in range(0, n, _LABEL_CHUNK):
             records = self._reader.__getitems__(list(range(start, min(start + _LABEL_CHUNK, n))))
-            out[start : start + len(records)] = [r[self.label_key] for r in records]
-        return out
+            labels[start : start + len(records)] = [r[self.label_key] for r in records]
+        for path in paths:
+            if _save_labels(path, labels):
+                break
+        return labels
+
+    def label_cache_paths(self) -> list[str]:
+        """Where the labels are cached: beside the prepared dataset, or (read-only dataset) in the
+        user's cache folder. The name holds the split and label key; the file, the record count."""
+        split = hashlib.sha1(f"{self.split}|{self.label_key}".encode()).hexdigest()[:12]
+        name = f"ijepa_jax_labels_{split}.npy"
+        user = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ijepa_jax", "labels")
+        dataset = hashlib.sha1(self._dataset_dir.encode()).hexdigest()[:12]
+        return [os.path.join(self._dataset_dir, name), os.path.join(user, f"{self.name}_{dataset}_{split}.npy")]
 
     @functools.cached_property
     def class_names(self) -> list[str]:
@@ -107,6 +130,31 @@ class TfdsSource:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def _load_labels(path: str, num_records: int) -> np.ndarray | None:
+    """Cached labels, or None if absent, unreadable or of another record count (then read afresh)."""
+    try:
+        with epath.Path(path).open("rb") as f:
+            labels = np.load(f)
+    except Exception:  # absent, or a partial or foreign file: reading the records again is always safe
+        return None
+    return labels.astype(np.int32) if labels.shape == (num_records,) else None
+
+
+def _save_labels(path: str, labels: np.ndarray) -> bool:
+    """Writes atomically (temporary file, then rename); False where the folder is not writable."""
+    target = epath.Path(path)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            np.save(f, labels)
+        tmp.replace(target)
+        return True
+    except Exception as e:  # read-only or remote without write access: try the next place
+        logging.info("could not cache labels at %s: %s", path, e)
+        return False
 
 
 def _prepared_builder(name: str, data_dir: str | None, where: str):

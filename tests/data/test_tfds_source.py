@@ -88,6 +88,12 @@ class IjepaTestEncoded(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": image, "png_bytes": data, "label": i}
 
 
+@pytest.fixture(autouse=True)
+def no_user_cache(tmp_path, monkeypatch):
+    """Label caches go beside the test datasets or under tmp_path, never into ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A data_dir holding both test datasets, prepared once for this module."""
@@ -228,3 +234,82 @@ def test_dataset_prepared_without_random_access_is_refused(data_dir, tmp_path):
 
 def _index_of_label(src, label):
     return int(np.flatnonzero(src.labels == label)[0])
+
+
+# ----------------------------------------------------------------------------
+# the label cache: one pass over the records per dataset, split and label key
+
+
+class CountingReads:
+    """Counts batched record reads (what collecting labels does) on a source's reader."""
+
+    def __init__(self, src):
+        self.reads, reader = 0, src._reader
+        original = reader.__getitems__
+
+        def counted(indices):
+            self.reads += 1
+            return original(indices)
+
+        reader.__getitems__ = counted
+
+
+@pytest.fixture
+def own_data_dir(data_dir, tmp_path):
+    """A private copy of the prepared datasets without label caches (they are written beside them)."""
+    return shutil.copytree(data_dir, tmp_path / "tfds", ignore=shutil.ignore_patterns("ijepa_jax_labels_*"))
+
+
+def test_labels_are_read_once_then_loaded_from_a_cache_beside_the_dataset(own_data_dir):
+    first = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir))
+    reads = CountingReads(first)
+    expected = [first[k]["label"] for k in range(len(first))]
+    assert list(first.labels) == expected and reads.reads == 1
+    beside, _ = first.label_cache_paths()
+    assert beside.startswith(first._dataset_dir)
+
+    again = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir))
+    reads = CountingReads(again)
+    assert list(again.labels) == expected and again.labels.dtype == np.int32
+    assert reads.reads == 0
+    # Another split or label key is another file.
+    other = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir), label_key="plain_label")
+    assert sorted(other.labels) == [0, 0, 1, 1, 2, 3]
+    assert sorted(TfdsSource("ijepa_test_arrays", "test", str(own_data_dir)).labels) == [0, 1]
+
+
+def test_a_cache_of_another_record_count_is_ignored(own_data_dir):
+    src = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir))
+    beside, _ = src.label_cache_paths()
+    np.save(beside, np.zeros(5, np.int32))  # e.g. written for an older version of the split
+    assert sorted(src.labels) == [0, 0, 1, 1, 2, 2]
+    assert np.load(beside).tolist() == src.labels.tolist()  # and replaced
+
+
+def test_a_read_only_dataset_caches_labels_in_the_user_cache(own_data_dir, tmp_path, monkeypatch):
+    src = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # a folder that cannot be created stands for an unwritable dataset folder
+    _, user = src.label_cache_paths()
+    monkeypatch.setattr(TfdsSource, "label_cache_paths", lambda self: [str(blocked / "labels.npy"), user])
+    assert sorted(src.labels) == [0, 0, 1, 1, 2, 2]
+    assert user.startswith(str(tmp_path / "user_cache")) and np.load(user).tolist() == src.labels.tolist()
+    again = TfdsSource("ijepa_test_arrays", "train", str(own_data_dir))
+    reads = CountingReads(again)
+    assert sorted(again.labels) == [0, 0, 1, 1, 2, 2] and reads.reads == 0
+
+
+def test_pretraining_on_a_whole_split_reads_no_labels(own_data_dir):
+    """Without a class subset the pipeline never needs labels: no pass over the records at start-up."""
+    import ml_collections
+
+    from ijepa_jax.data import sources
+
+    data = ml_collections.ConfigDict(dict(
+        source="tfds", tfds_name="ijepa_test_arrays", tfds_data_dir=str(own_data_dir), split="train",
+        classes="", max_samples_per_class=0, on_bad_image="skip",
+    ))
+    src = sources.make_source(data)
+    reads = CountingReads(src.source)
+    assert len(src) == 6 and src[0]["image"].shape == (8, 8, 3)
+    assert reads.reads == 0 and "labels" not in vars(src.source)
