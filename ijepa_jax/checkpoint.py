@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ijepa_jax import sharding
+from ijepa_jax import files, sharding
 
 # Config entries that must match for a checkpoint's state to fit this run.
 ARCHITECTURE_KEYS = (
@@ -55,8 +54,9 @@ EXPORT_FORMAT = "ijepa_jax.target_encoder.v1"
 PROCESSES_KEY = "saved_by_processes"
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir):
+    """WORKDIR/checkpoints, as an epath.Path (local, or gs://... which orbax writes natively)."""
+    return files.path(workdir) / "checkpoints"
 
 
 def make_manager(workdir: str, checkpoint_config, steps_per_epoch: int) -> ocp.CheckpointManager:
@@ -163,9 +163,9 @@ def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
 
 def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:
     """A manager for another run's workdir (or its checkpoints/ folder), and its latest step."""
-    path = os.path.abspath(path)
-    directory = path if os.path.basename(path) == "checkpoints" else checkpoint_dir(path)
-    if not os.path.isdir(directory):
+    path = files.path(path)
+    directory = path if path.name == "checkpoints" else checkpoint_dir(path)
+    if not directory.is_dir():
         raise FileNotFoundError(f"No checkpoints in {path} (expected the folder {directory}).")
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_item_handlers()
@@ -216,7 +216,7 @@ def export_target_encoder(target_params, config, path: str) -> str:
     """
     params = unstack_blocks(jax.tree.map(np.asarray, sharding.to_host(target_params)))
     if jax.process_index() != 0:
-        return path
+        return str(path)
     payload = {
         "format": EXPORT_FORMAT,
         "model": {
@@ -226,12 +226,7 @@ def export_target_encoder(target_params, config, path: str) -> str:
         },
         "params": params,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-    return path
+    return str(files.write_bytes(path, flax.serialization.msgpack_serialize(payload)))
 
 
 def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
@@ -270,13 +265,12 @@ def unrolled_encoder(name: str, patch_size: int):
 
 def load_encoder(path: str):
     """(encoder module, params, model info) from an exported file."""
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
         raise FileNotFoundError(f"No exported encoder at {path}.")
-    with open(path, "rb") as f:
-        try:
-            payload = flax.serialization.msgpack_restore(f.read())
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable exported encoder ({e}).") from e
+    try:
+        payload = flax.serialization.msgpack_restore(files.path(path).read_bytes())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable exported encoder ({e}).") from e
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not an ijepa_jax export (expected format {EXPORT_FORMAT!r}).")
     info = payload["model"]

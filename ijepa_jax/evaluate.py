@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ijepa_jax import checkpoint, sharding
+from ijepa_jax import checkpoint, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import knn, probe
@@ -200,13 +200,10 @@ class Monitor:
 
 
 def write_results(out_dir: str, all_results: dict) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump(all_results, f, indent=2)
+    path = files.write_text(files.path(out_dir) / "results.json", json.dumps(all_results, indent=2))
     from tensorboardX import SummaryWriter
 
-    with SummaryWriter(os.path.join(out_dir, "tensorboard")) as tb:
+    with SummaryWriter(str(files.path(out_dir) / "tensorboard")) as tb:
         for name, results in all_results.items():
             for key, value in summary_rows(results).items():
                 tb.add_scalar(f"eval/{name}/{key}", value, 0)

@@ -4,18 +4,22 @@ Only process 0 writes. The files (often on a shared filesystem) and the
 console are written by a background thread, so the train loop only queues a
 record; each record is flushed as it is written, and `close()` (called in a
 `finally`) writes everything still queued, so an exception loses nothing.
+On object storage (gs://), which cannot append, metrics.jsonl is uploaded
+whole after each record, and TensorBoard files go through tensorboardX's own
+gs:// writer (it needs `google-cloud-storage`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import threading
 import time
 
 import jax
+
+from ijepa_jax import files
 
 
 def format_duration(seconds: float) -> str:
@@ -36,19 +40,19 @@ class MetricsWriter:
         self.total_steps = total_steps
         self._start = time.time()
         self._first_step = None
-        self._jsonl = None
+        self._jsonl = None  # a local file open for appending, or the records of a remote one
         self._tb = None
         self._queue = queue.Queue()
         self._error = None
         self._thread = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, "metrics.jsonl")
-            _drop_records_after(path, resume_step)
-            self._jsonl = open(path, "a")
+            self.path = files.path(workdir) / "metrics.jsonl"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = _drop_records_after(self.path, resume_step)
+            self._jsonl = kept if files.is_remote(self.path) else self.path.open("a")
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(files.path(workdir) / "tensorboard"))
             self._thread = threading.Thread(target=self._drain, name="metrics_writer", daemon=True)
             self._thread.start()
 
@@ -97,8 +101,13 @@ class MetricsWriter:
 
     def _append(self, record: dict | None, tb_prefix: str, line: str) -> None:
         if record is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            line_json = json.dumps(record) + "\n"
+            if isinstance(self._jsonl, list):
+                self._jsonl.append(line_json)
+                files.write_text(self.path, "".join(self._jsonl))
+            else:
+                self._jsonl.write(line_json)
+                self._jsonl.flush()
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(tb_prefix + k, v, record["step"])
@@ -137,27 +146,34 @@ class MetricsWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._jsonl:
+        if self._jsonl is not None and not isinstance(self._jsonl, list):
             self._jsonl.close()
-            self._jsonl = None
+        self._jsonl = None
         if self._tb:
             self._tb.close()
             self._tb = None
         self._raise_error()
 
 
-def _drop_records_after(path: str, step: int) -> None:
-    """On resume, drop records of steps past the checkpoint: the resumed run writes them again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+def _drop_records_after(path, step: int) -> list[str]:
+    """On resume, drop records of steps past the checkpoint (the resumed run writes them again);
+    returns the lines kept."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    steps = [_step_of(line) for line in lines]
+    keep = [line.rstrip("\n") + "\n" for line, s in zip(lines, steps) if s is not None and s <= step]
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+        files.write_text(path, "".join(keep))  # whole: a crash here leaves the old file intact
+    return keep
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or partly written one (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _record(step: int, metrics: dict) -> dict:

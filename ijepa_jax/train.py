@@ -22,7 +22,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ijepa_jax import checkpoint, config_lib, masks, optim, sharding
+from ijepa_jax import checkpoint, config_lib, files, masks, optim, sharding
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import pipeline, sources
 from ijepa_jax.metrics import MetricsWriter, format_duration
@@ -132,7 +132,7 @@ def initial_state(exp: Experiment, manager, workdir: str):
         state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
         print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
         return state
-    if _has_records(os.path.join(workdir, "metrics.jsonl")):
+    if _has_records(files.path(workdir) / "metrics.jsonl"):
         raise ValueError(
             f"{workdir} holds a previous run's metrics.jsonl but no complete checkpoint to resume; "
             "refusing to start over it. Use a new --workdir, or delete that folder's contents."
@@ -159,22 +159,17 @@ def use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def _has_records(path: str) -> bool:
+def _has_records(path) -> bool:
     """True if a metrics file logged at least one step: an empty file (a crash before the first step,
     e.g. out of memory while compiling) is no previous run to protect."""
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return any(line.strip() for line in f)
+    return path.exists() and any(line.strip() for line in path.read_text().splitlines())
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) pretraining in `workdir`; returns the metrics of the last step."""
-    if not workdir or "://" in workdir:
-        raise ValueError(
-            f"--workdir={workdir!r}: give a filesystem path for config, metrics and checkpoints "
-            "(on several hosts, one that every host mounts, e.g. a gcsfuse or NFS mount)."
-        )
+    """Runs (or resumes) pretraining in `workdir` (a path, or a URL such as gs://bucket/run); returns the
+    metrics of the last step."""
+    if not workdir:
+        raise ValueError("--workdir is empty: give a folder (or gs://bucket/folder) for config, metrics and checkpoints.")
     use_compilation_cache(config.compilation_cache_dir)
     exp = build(config)
     manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
@@ -184,8 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Every process has looked at the work dir before process 0 writes to it.
             multihost_utils.sync_global_devices("ijepa_jax: start-up decisions made")
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(exp.config.to_json_best_effort(indent=2))
+            files.write_text(files.path(workdir) / "config.json", exp.config.to_json_best_effort(indent=2))
         _print_summary(exp)
         # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
         with (
@@ -196,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager.wait_until_finished()
         if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
             path = checkpoint.export_target_encoder(
-                state.target_params, exp.config, os.path.join(workdir, "target_encoder.msgpack")
+                state.target_params, exp.config, files.path(workdir) / "target_encoder.msgpack"
             )
             if jax.process_index() == 0:
                 print(f"exported the target encoder to {path}", flush=True)

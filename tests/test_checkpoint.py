@@ -284,11 +284,6 @@ def test_restoring_an_older_step_with_newer_ones_present_is_refused(continuous_r
         train.train(small_config(total_steps=6, **{"checkpoint.restore_step": 3}), continuous_run)
 
 
-def test_a_url_workdir_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="filesystem path"):
-        train.train(small_config(total_steps=1), "gs://bucket/run")
-
-
 def test_resuming_on_another_process_count_is_announced(caplog):
     """A checkpoint records how many processes saved it; resuming on another count warns that the
     continuation is not exact (mask draws depend on the process index and per-process batch)."""

@@ -72,6 +72,15 @@ def test_resume_drops_records_past_the_checkpoint(tmp_path):
     assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
 
 
+def test_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
+    """A crash mid-write leaves part of a line: the resume drops it and appends whole lines after it."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    writer = MetricsWriter(str(tmp_path), total_steps=6, resume_step=2, enabled=True)
+    writer.write(3, {"loss": 0.3, "lr": 1e-3})
+    writer.close()
+    assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
+
+
 def test_a_disabled_writer_writes_nothing_but_notes(tmp_path, capsys):
     """Processes other than 0 write no files; their notes still reach the console."""
     writer = MetricsWriter(str(tmp_path / "run"), total_steps=3, enabled=False)

@@ -8,8 +8,8 @@ that every probe, k-NN and low-shot run afterwards costs seconds.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 
 import flax.linen as nn
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ijepa_jax import sharding
+from ijepa_jax import files, sharding
 from ijepa_jax.data import transforms
 from ijepa_jax.models import vit
 from ijepa_jax.step import normalize
@@ -99,12 +99,11 @@ def cache_key(**parts) -> str:
 
 def cached(path: str, compute) -> tuple:
     """Load (features, labels) from `path`, or compute and save them (atomically). Returns (f, y, hit)."""
-    if os.path.exists(path):
-        with np.load(path) as z:
+    if files.path(path).exists():
+        with files.path(path).open("rb") as f, np.load(f) as z:
             return z["features"], z["labels"], True
     features, labels = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=features, labels=labels)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features, labels=labels)
+    files.write_bytes(path, buffer.getvalue())
     return features, labels, False
