@@ -134,7 +134,7 @@ def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules:
         "lr": schedules.lr(state.step),
         "wd": schedules.weight_decay(state.step),
         "momentum": m,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "context_tokens": batch["context_valid"].sum(-1).mean(dtype=jnp.float32),
         "target_tokens": batch["target_valid"].sum(-1).mean(dtype=jnp.float32),
     }
