@@ -8,5 +8,6 @@ def get_config():
     c = config_lib.reference_recipe(
         "vit_giant", patch_size=16, crop_size=224, epochs=44, warmup_epochs=3, pred_depth=16, per_gpu_batch=16
     )
-    c.model.remat = True  # 40 blocks of width 1408: trade compute for activation memory
+    # Remat off: 16 images per device need about 35 GiB (tools/memory, README "Memory you can plan
+    # with"), within the reference's 80 GB GPUs; add model.remat=True on 32 GiB chips.
     return c
