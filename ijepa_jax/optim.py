@@ -26,51 +26,40 @@ class Schedules:
 
 
 def make_schedules(optim_config, steps_per_epoch: int) -> Schedules:
+    """optax's schedules, shifted as the reference steps them (see the module docstring)."""
     o = optim_config
     total = int(o.ipe_scale * o.epochs * steps_per_epoch)
     warmup = int(o.warmup_epochs * steps_per_epoch)
+    lr = optax.warmup_cosine_decay_schedule(
+        init_value=o.start_lr, peak_value=o.lr, warmup_steps=warmup, decay_steps=total, end_value=o.final_lr
+    )
+    # Weight decay goes from weight_decay to final_weight_decay along a cosine (the reference raises
+    # it, 0.04 -> 0.4): an affine map of optax's unit cosine, valid in either direction and from 0.
+    cosine = optax.cosine_decay_schedule(init_value=1.0, decay_steps=total)
+    # The reference spreads the momentum over the un-truncated ipe_scale * epochs * steps_per_epoch.
+    momentum = optax.linear_schedule(
+        init_value=o.ema[0], end_value=o.ema[1], transition_steps=o.ipe_scale * o.epochs * steps_per_epoch
+    )
+    return Schedules(
+        lr=lambda step: lr(step + 1),
+        weight_decay=lambda step: o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * cosine(step + 1),
+        momentum=momentum,
+    )
 
-    def lr(step):
-        s = jnp.asarray(step, jnp.float32) + 1.0
-        warm = o.start_lr + s / max(warmup, 1) * (o.lr - o.start_lr)
-        progress = (s - warmup) / max(1, total - warmup)
-        cosine = o.final_lr + (o.lr - o.final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(s < warmup, warm, jnp.maximum(o.final_lr, cosine))
 
-    def weight_decay(step):
-        progress = (jnp.asarray(step, jnp.float32) + 1.0) / total
-        v = o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        # The reference clamps at the final value from whichever side it approaches.
-        if o.final_weight_decay <= o.weight_decay:
-            return jnp.maximum(o.final_weight_decay, v)
-        return jnp.minimum(o.final_weight_decay, v)
-
-    def momentum(step):
-        # The reference divides by the un-truncated ipe * epochs * ipe_scale here.
-        s = jnp.asarray(step, jnp.float32)
-        return o.ema[0] + s * (o.ema[1] - o.ema[0]) / (o.ipe_scale * o.epochs * steps_per_epoch)
-
-    return Schedules(lr=lr, weight_decay=weight_decay, momentum=momentum)
+# The reference decays every parameter that is not a bias and not 1-D: here, every matmul kernel and
+# the predictor's mask token, shaped (1, 1, D) as in the reference (so it IS decayed, as there).
+# LayerNorm scales and biases are not. By name, the rule holds for unrolled and scanned stacks alike.
+DECAYED = ("kernel", "mask_token")
 
 
 def weight_decay_mask(params):
-    """The reference rule: decay every parameter that is not a bias and not 1-D.
+    """True for the parameters AdamW's weight decay applies to (`DECAYED`, by leaf name)."""
 
-    (So LayerNorm scales and biases are excluded; the predictor's mask token,
-    shaped (1, 1, D) as in the reference, is decayed, as the reference code does.)
-    """
-
-    def decays(path, x):
-        name = jax.tree_util.keystr(path)
-        return x.ndim > 1 and "bias" not in name and not _is_stacked_1d(path, x)
+    def decays(path, _):
+        return getattr(path[-1], "key", None) in DECAYED
 
     return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def _is_stacked_1d(path, x) -> bool:
-    # Scanned block stacks add a leading depth axis: a LayerNorm scale is then 2-D.
-    in_scan = any(getattr(k, "key", None) == "blocks" for k in path)
-    return in_scan and x.ndim == 2
 
 
 def make_optimizer(optim_config, schedules: Schedules) -> optax.GradientTransformation:

@@ -44,12 +44,7 @@ def small_config(**overrides):
     )
     c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
     c.log_every_steps = 1
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -219,7 +219,7 @@ def test_weight_decay_mask(scan_layers):
 
 
 def test_weight_decay_mask_on_toy_tree():
-    """The rule on hand-made leaves: ndim > 1 and not a bias, stacked (scanned) 2-D norms excluded."""
+    """The rule on hand-made leaves: kernels (any rank, stacked or not) and the mask token; nothing else."""
     tree = {
         "dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))},
         "ln": {"scale": jnp.zeros((4,)), "bias": jnp.zeros((4,))},
