@@ -12,6 +12,7 @@ gs:// writer (it needs `google-cloud-storage`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import threading
@@ -20,6 +21,27 @@ import time
 import jax
 
 from ijepa_jax import files
+
+
+def route_library_logs(workdir: str, show_info: bool) -> str | None:
+    """Python/absl log records of INFO and below (orbax's dozens of lines per save, grain's, jax's)
+    go to WORKDIR/logs/process_<i>.log instead of the console, which keeps warnings, errors and our
+    own lines. `show_info` (the `--verbosity` flag given) leaves the console as absl set it.
+    Returns the log file's path (None for a remote work dir: object stores cannot append)."""
+    if show_info:
+        return None
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    if files.is_remote(workdir):
+        return None
+    path = files.path(workdir) / "logs" / f"process_{jax.process_index()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(min(logging.getLogger().level or logging.INFO, logging.INFO))
+    return str(path)
 
 
 def format_duration(seconds: float) -> str:

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from ijepa_jax import checkpoint, config_lib, files, masks, optim, sharding
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import pipeline, sources
-from ijepa_jax.metrics import MetricsWriter, format_duration
+from ijepa_jax.metrics import MetricsWriter, format_duration, route_library_logs
 from ijepa_jax.models import vit
 
 
@@ -249,6 +249,7 @@ def _loop(exp: Experiment, state, batches, writer: MetricsWriter, manager) -> tu
                 with timer.paused():  # throughput excludes checkpointing and evaluation
                     if save_due:
                         pending["checkpoint_blocked_s"] = checkpoint.save(manager, step, state, config)
+                        writer.console(f"checkpoint: saving step {step} in the background")
                     if eval_due:
                         writer.write_eval(step, monitor(state.target_params))
                     if health_due:
@@ -377,6 +378,7 @@ def main(argv) -> None:
         sharding.maybe_initialize_distributed(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
         )
+        route_library_logs(FLAGS.workdir, show_info=FLAGS["verbosity"].present)
         train(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if FLAGS.traceback:

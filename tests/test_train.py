@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -267,9 +268,15 @@ def run_cli(args):
 
 def test_cli_runs(tmp_path):
     """`python -m ijepa_jax.train --config ... --workdir ...` with flag overrides (tuples included)
-    exits 0 and writes metrics.jsonl up to the last step."""
+    exits 0 and writes metrics.jsonl up to the last step. The console holds our own lines (a saved
+    checkpoint in one line) and no library INFO logging, which goes to WORKDIR/logs/."""
     proc = run_cli(["--workdir", str(tmp_path)] + SMALL_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in console if re.match(r"I\d{4} ", line)], "absl/orbax INFO lines on the console"
+    assert "checkpoint: saving step 3 in the background" in console
+    with open(tmp_path / "logs" / "process_0.log") as f:
+        assert "orbax" in f.read()  # the library's INFO lines, kept
     records = read_metrics(str(tmp_path))
     assert records[-1]["step"] == 3  # cifar100 logs every 10 steps; the last step is always logged
     assert all(math.isfinite(r["loss"]) for r in records)
