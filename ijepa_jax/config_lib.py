@@ -269,11 +269,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
     if not 0 <= o.ema[0] <= o.ema[1] <= 1:
         raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
+    if not (o.lr > 0 and o.start_lr >= 0 and o.final_lr >= 0):
+        raise ValueError(
+            f"optim.lr={o.lr} must be > 0, optim.start_lr={o.start_lr} and optim.final_lr={o.final_lr} >= 0."
+        )
+    if o.weight_decay < 0 or o.final_weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={o.weight_decay} and final_weight_decay={o.final_weight_decay} must be >= 0.")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
+        raise ValueError(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1), optim.eps={o.eps} > 0.")
+    if o.ipe_scale <= 0:
+        raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
+    if config.total_steps == 0 or config.total_steps < -1:
+        raise ValueError(f"total_steps={config.total_steps}: give a number of steps > 0, or -1 for all the epochs.")
     e = config.eval
     if e.lowshot_variant not in ("last", "last_bn", "last4", "last4_bn"):
         raise ValueError(f"eval.lowshot_variant={e.lowshot_variant!r}; use last, last_bn, last4 or last4_bn.")
     if e.every_epochs < 0 or e.knn_k < 1 or e.batch_size < 1:
         raise ValueError("eval.every_epochs must be >= 0, eval.knn_k and eval.batch_size >= 1.")
+    if e.knn_temperature <= 0:
+        raise ValueError(f"eval.knn_temperature={e.knn_temperature} must be > 0 (votes are exp(similarity / T)).")
+    if e.probe_epochs < 1 or e.probe_batch_size < 1:
+        raise ValueError(
+            f"eval.probe_epochs={e.probe_epochs} and eval.probe_batch_size={e.probe_batch_size} must be >= 1 "
+            "(0 epochs would leave every probe at chance)."
+        )
+    if not e.probe_lrs or min(e.probe_lrs) <= 0 or not e.probe_weight_decays or min(e.probe_weight_decays) < 0:
+        raise ValueError(
+            f"eval.probe_lrs={tuple(e.probe_lrs)} need at least one value, all > 0; "
+            f"eval.probe_weight_decays={tuple(e.probe_weight_decays)} at least one, all >= 0."
+        )
+    if min(e.lowshot_per_class, default=1) < 1 or e.lowshot_seeds < 1:
+        raise ValueError(
+            f"eval.lowshot_per_class={tuple(e.lowshot_per_class)} must be >= 1 each, "
+            f"eval.lowshot_seeds={e.lowshot_seeds} >= 1."
+        )
+    if e.image_size == 0 or e.image_size < -1:
+        raise ValueError(f"eval.image_size={e.image_size}: give a size > 0, or -1 for the encoder's crop size.")
     if e.health_every_steps < 0:
         raise ValueError(f"eval.health_every_steps={e.health_every_steps} must be >= 0 (0: off).")
     unknown = [p for p in e.monitor_protocols.split(",") if p and p not in ("knn", "linear")]

@@ -205,6 +205,20 @@ def test_batch_must_divide_over_processes():
         ({"model.attention_impl": "cudnn", "model.dtype": "bfloat16", "mask.pad_multiple": 1}, "pad_multiple=8"),
         # vit_micro has 2 heads: a predictor 36 wide has an 18-wide head, not a multiple of 8
         ({"model.attention_impl": "cudnn", "model.dtype": "bfloat16", "model.pred_width": 36}, "head dim"),
+        # values that would make a run silently wrong or useless
+        ({"optim.lr": 0.0}, r"optim\.lr=0\.0 must be > 0"),
+        ({"optim.start_lr": -1e-4}, "start_lr"),
+        ({"optim.final_weight_decay": -0.1}, "final_weight_decay"),
+        ({"optim.b2": 1.0}, r"optim\.b2"),
+        ({"optim.eps": 0.0}, r"optim\.eps"),
+        ({"optim.ipe_scale": 0.0}, "ipe_scale"),
+        ({"total_steps": 0}, "total_steps=0"),
+        ({"eval.knn_temperature": 0.0}, "knn_temperature"),
+        ({"eval.probe_epochs": 0}, "chance"),
+        ({"eval.probe_lrs": ()}, "probe_lrs"),
+        ({"eval.probe_weight_decays": (-1e-4,)}, "probe_weight_decays"),
+        ({"eval.lowshot_per_class": (0, 5)}, "lowshot_per_class"),
+        ({"eval.image_size": 0}, "image_size"),
     ],
 )
 def test_more_values_that_are_rejected_up_front(overrides, words):
