@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import erf
 
+import numpy_ijepa
 from ijepa_jax import config_lib, optim
 from ijepa_jax import step as step_lib
 
@@ -130,35 +130,15 @@ def perturbed_copy(tree, seed, rel=0.7):
 
 # --------------------------------------------------------------------------- the numpy float64 oracle
 
-
-def sincos_table(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos table, raster order: channels [0, dim/2) encode the COLUMN, [dim/2, dim) the
-    ROW; each half is [sin(pos * w_i), cos(pos * w_i)], w_i = 1 / 10000**(i / (dim/4)), i < dim/4."""
-    quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
-    rows, cols = np.divmod(np.arange(grid_h * grid_w), grid_w)
-
-    def half(pos):
-        angle = pos[:, None] * omega[None, :]
-        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
-
-    return np.concatenate([half(cols), half(rows)], axis=1)
+sincos_table, gelu = numpy_ijepa.sincos_table, numpy_ijepa.gelu  # shared with test_convert.py
 
 
 def layer_norm(x, p=None, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
-    return y if p is None else y * p["scale"] + p["bias"]
+    return numpy_ijepa.layer_norm(x, *((p["scale"], p["bias"]) if p is not None else ()), eps=eps)
 
 
 def dense(x, p):
     return x @ p["kernel"] + p["bias"]
-
-
-def gelu(x, exact=True):
-    if exact:
-        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def attention(x, p, heads):

@@ -13,6 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from conftest import skip_without_real_data
 from ijepa_jax.data import sources
 
 
@@ -213,7 +214,7 @@ def test_cifar100_real_archive(shared_data):
     classes, 500 / 100 per class. Skipped when shared/data is absent."""
     archive = os.path.join(shared_data, "cifar-100-python.tar.gz")
     if not os.path.isfile(archive):
-        pytest.skip(f"{archive} not found")
+        skip_without_real_data(f"{archive} not found")
     train = sources.Cifar100Source(shared_data, "train")
     test = sources.Cifar100Source(archive, "test")
     assert (len(train), len(test)) == (50_000, 10_000)

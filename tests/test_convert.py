@@ -1,0 +1,661 @@
+"""ijepa_jax.convert: released I-JEPA weights (reference torch files, Hugging Face safetensors) -> ijepa_jax.
+
+No network and no released file: state dicts with the names and shapes of the released checkpoints are
+built here from random tensors (the reference's names written out below, not taken from convert.py),
+saved in the torch zip format (by a small writer below; by torch.save too when torch is installed) and
+in the Hugging Face layout, converted, and our encoder / predictor are compared with the float64 numpy
+forward of the reference architecture in numpy_ijepa.py (and, with torch, with PyTorch modules).
+"""
+
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import numpy_ijepa
+from conftest import small_config
+from ijepa_jax import checkpoint, convert, train
+from ijepa_jax.models import vit
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fp32 (XLA:CPU) vs the float64 oracle on patch tokens: the brief's bound.
+ATOL = 1e-4
+
+# --------------------------------------------------------------------------- the torch zip format, written without torch
+
+
+class _Global:
+    """A pickle GLOBAL written by name (torch need not be importable to name its functions)."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle insists that a reduce function be callable
+        raise NotImplementedError
+
+
+class _Call:
+    """Pickles as `function(*args)`."""
+
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+class _Strided:
+    """A tensor that views `base` (flat storage) at `offset` with `shape` / `stride` (in elements)."""
+
+    def __init__(self, base, offset, shape, stride):
+        self.base, self.offset, self.shape, self.stride = np.ascontiguousarray(base).ravel(), offset, shape, stride
+
+
+_STORAGE_NAMES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.uint8): "ByteStorage",
+}
+
+
+class _TorchPickler(pickle._Pickler):  # the pure-Python pickler: its save() can be extended
+    def __init__(self, f, records):
+        super().__init__(f, protocol=2)
+        self.records = records
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, _Global):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+    def persistent_id(self, obj):
+        if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__storage__":
+            flat = obj[1]
+            key = str(len(self.records))
+            self.records[key] = flat.tobytes()
+            return ("storage", _Global("torch", _STORAGE_NAMES[flat.dtype]), key, "cpu", flat.size)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            obj = _Strided(obj, 0, obj.shape, tuple(s // obj.itemsize for s in np.ascontiguousarray(obj).strides))
+        if isinstance(obj, _Strided):
+            args = (("__storage__", obj.base), obj.offset, tuple(obj.shape), tuple(obj.stride), False, collections.OrderedDict())
+            return _Global("torch._utils", "_rebuild_tensor_v2"), args
+        return NotImplemented
+
+
+def save_torch(obj, path):
+    """`obj` (dicts, numpy arrays as tensors, _Strided views) as torch.save writes it: a zip holding
+    archive/data.pkl (tensors as _rebuild_tensor_v2 of persistent storages), archive/data/<key>, version."""
+    records, buf = {}, io.BytesIO()
+    _TorchPickler(buf, records).dump(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/byteorder", "little")
+        for key, data in records.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+
+
+def save_safetensors(tensors, path):
+    """The safetensors layout: u64 header length, JSON header (dtype, shape, byte range), raw data."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, x in tensors.items():
+        data = np.ascontiguousarray(x).tobytes()
+        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+# --------------------------------------------------------------------------- reference-layout state dicts
+
+
+def _rand(rng, shape, kind):
+    if kind == "weight":  # N(0, 1/fan_in): far from linear, so a wrong layout shows
+        return rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape)
+    if kind == "bias":
+        return rng.normal(0, 0.1, shape)
+    return 1.0 + rng.normal(0, 0.2, shape)  # LayerNorm scale
+
+
+def _blocks(rng, prefix, depth, d, hidden):
+    sd = {}
+    for i in range(depth):
+        b = f"{prefix}{i}."
+        for norm in ("norm1", "norm2"):
+            sd[b + norm + ".weight"], sd[b + norm + ".bias"] = _rand(rng, (d,), "scale"), _rand(rng, (d,), "bias")
+        for name, (o, n) in {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (hidden, d), "mlp.fc2": (d, hidden)}.items():
+            sd[b + name + ".weight"], sd[b + name + ".bias"] = _rand(rng, (o, n), "weight"), _rand(rng, (o,), "bias")
+    return sd
+
+
+def reference_encoder(rng, d, depth, hidden, patch, grid):
+    """The names and shapes of the reference VisionTransformer's state_dict (pos_embed: the sin-cos table)."""
+    sd = {
+        "pos_embed": numpy_ijepa.sincos_table(d, grid, grid)[None],
+        "patch_embed.proj.weight": _rand(rng, (d, 3, patch, patch), "weight"),
+        "patch_embed.proj.bias": _rand(rng, (d,), "bias"),
+        **_blocks(rng, "blocks.", depth, d, hidden),
+        "norm.weight": _rand(rng, (d,), "scale"),
+        "norm.bias": _rand(rng, (d,), "bias"),
+    }
+    return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
+def reference_predictor(rng, d, width, depth, grid):
+    """The names and shapes of the reference VisionTransformerPredictor's state_dict (MLP ratio 4)."""
+    sd = {
+        "predictor_embed.weight": _rand(rng, (width, d), "weight"),
+        "predictor_embed.bias": _rand(rng, (width,), "bias"),
+        "mask_token": rng.normal(0, 0.5, (1, 1, width)),
+        "predictor_pos_embed": numpy_ijepa.sincos_table(width, grid, grid)[None],
+        **_blocks(rng, "predictor_blocks.", depth, width, 4 * width),
+        "predictor_norm.weight": _rand(rng, (width,), "scale"),
+        "predictor_norm.bias": _rand(rng, (width,), "bias"),
+        "predictor_proj.weight": _rand(rng, (d, width), "weight"),
+        "predictor_proj.bias": _rand(rng, (d,), "bias"),
+    }
+    return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
+def ddp(sd):
+    return collections.OrderedDict((f"module.{k}", v) for k, v in sd.items())
+
+
+# name -> (width, depth, heads, MLP width, patch, grid, predictor width, predictor depth)
+MICRO = (64, 2, 2, 256, 4, 4, 32, 1)  # what conftest.small_config builds: ViT-micro/4 at 16px, predictor 1 x 32
+HUGE14 = (1280, 2, 16, 5120, 14, 16, 384, 1)  # ViT-H/14 at 224 with 2 of its 32 blocks
+GIANT16 = (1408, 1, 16, 6144, 16, 14, 384, 1)  # ViT-g/16 at 224 with 1 of its 40 blocks
+
+
+def reference_checkpoint(dims, seed=0):
+    """The dict the reference's save_checkpoint writes: DDP-prefixed state dicts, an AdamW state, scalars.
+    The online and target encoders differ, so that swapping them shows."""
+    d, depth, _, hidden, patch, grid, width, pred_depth = dims
+    rng = np.random.default_rng(seed)
+    enc = reference_encoder(rng, d, depth, hidden, patch, grid)
+    tgt = reference_encoder(rng, d, depth, hidden, patch, grid)
+    pred = reference_predictor(rng, d, width, pred_depth, grid)
+    opt = {"state": {0: {"step": np.array(10.0, np.float32), "exp_avg": np.zeros(3, np.float32)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    return {
+        "encoder": ddp(enc), "predictor": ddp(pred), "target_encoder": ddp(tgt), "opt": opt, "scaler": None,
+        "epoch": 300, "loss": 0.0731, "batch_size": 128, "world_size": 16, "lr": 1.05e-6,
+    }
+
+
+def plain(sd):
+    return {k[len("module."):]: v for k, v in sd.items()}
+
+
+@pytest.fixture
+def sizes(monkeypatch):
+    """Truncated ViT-H/ViT-g sizes as names our models know (VIT_SIZES has only the full depths)."""
+    monkeypatch.setitem(vit.VIT_SIZES, "vit_huge_2blocks", (1280, 2, 16, 4.0))
+    monkeypatch.setitem(vit.VIT_SIZES, "vit_giant_1block", (1408, 1, 16, 48 / 11))
+
+
+# --------------------------------------------------------------------------- comparing with the oracle
+
+
+def restore_state(workdir):
+    """The whole saved state (a dict) and config of a workdir's latest checkpoint, on one device."""
+    manager, step = checkpoint.read_only_manager(workdir)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), manager.item_metadata(step)["state"])
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+    return step, jax.tree.map(np.asarray, out["state"]), out["config"]
+
+
+def encoder_gap(params, sd, dims, images, scan=False, keep=None):
+    """max |our Encoder - numpy reference encoder| over images (B, H, W, 3), optionally on kept tokens."""
+    d, depth, heads, hidden, patch, _, _, _ = dims
+    ratio = next(r for w, _, _, r in vit.VIT_SIZES.values() if w == d and int(w * r) == hidden)
+    enc = vit.Encoder(patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=ratio, scan=scan)
+    idx = None if keep is None else jnp.asarray(keep)
+    ours = np.asarray(jax.jit(enc.apply)({"params": params}, jnp.asarray(images), idx))
+    want = [numpy_ijepa.encode(sd, im.transpose(2, 0, 1).astype(np.float64), heads, None if keep is None else keep[b]) for b, im in enumerate(images)]
+    return float(np.abs(ours - np.stack(want)).max()), ours
+
+
+def predictor_gap(params, sd, dims, z, ctx, tgt, scan=False):
+    """max |our Predictor - numpy reference predictor| for context features z (B, K, D) and targets (B, M, T)."""
+    d, _, heads, _, _, grid, width, pred_depth = dims
+    pred = vit.Predictor(grid_h=grid, grid_w=grid, embed_dim=width, depth=pred_depth, num_heads=heads, scan=scan)
+    ours = np.asarray(
+        jax.jit(pred.apply)({"params": params}, jnp.asarray(z), jnp.asarray(ctx), jnp.ones(ctx.shape, bool), jnp.asarray(tgt), jnp.ones(tgt.shape, bool))
+    )
+    want = np.stack([
+        np.stack([numpy_ijepa.predict(sd, np.asarray(z[b], np.float64), ctx[b], tgt[b, m], heads) for m in range(tgt.shape[1])])
+        for b in range(len(z))
+    ])
+    return float(np.abs(ours - want).max())
+
+
+def problem(dims, seed=1, batch=2):
+    """Normalised images, a context (the first 3/4 of a shuffled grid) and two target blocks per image."""
+    grid, patch = dims[5], dims[4]
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, grid * patch, grid * patch, 3)).astype(np.float32)
+    n = grid * grid
+    perms = np.stack([rng.permutation(n) for _ in range(batch)])
+    ctx = np.sort(perms[:, : 3 * n // 4], axis=1).astype(np.int32)
+    tgt = np.stack([perms[:, -4:], perms[:, :4]], axis=1).astype(np.int32)  # outside / inside the context
+    return images, ctx, tgt
+
+
+GAPS = {}  # measured maxima, printed at the end of the module (pytest -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_gaps():
+    yield
+    if GAPS:
+        print("\nmax |ours - reference|: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(GAPS.items())))
+
+
+# --------------------------------------------------------------------------- the readers
+
+
+def test_torch_reader_reads_every_dtype_views_and_skips_unknown_objects(tmp_path):
+    base = np.arange(30, dtype=np.float32).reshape(5, 6)
+    obj = {
+        "a": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+        "h": np.linspace(-2, 2, 6, dtype=np.float16).reshape(2, 3),
+        "b": np.linspace(-3, 3, 8).astype(ml_dtypes.bfloat16),
+        "t": _Strided(base, 0, (6, 5), (1, 6)),  # base.T
+        "s": _Strided(base, 8, (2, 3), (6, 1)),  # base[1:3, 2:5]
+        "n": np.arange(4, dtype=np.int64),
+        "epoch": 7,
+        "other": _Call(_Global("somepackage.module", "Thing"), (1, 2)),  # an object the reader must not build
+    }
+    save_torch(obj, tmp_path / "x.pt")
+    got = convert.TorchFile(str(tmp_path / "x.pt")).load()
+    np.testing.assert_array_equal(np.asarray(got["a"]), obj["a"])
+    np.testing.assert_array_equal(np.asarray(got["h"]), obj["h"])
+    assert np.asarray(got["b"]).dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(np.asarray(got["b"], np.float32), obj["b"].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got["t"]), base.T)
+    np.testing.assert_array_equal(np.asarray(got["s"]), base[1:3, 2:5])
+    np.testing.assert_array_equal(np.asarray(got["n"]), obj["n"])
+    assert got["epoch"] == 7 and isinstance(got["other"], convert._Opaque)
+    assert got["other"].origin == "somepackage.module.Thing" and got["other"].args == (1, 2)
+
+
+def test_safetensors_reader(tmp_path):
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "h": np.ones(5, np.float16), "b": np.arange(3).astype(ml_dtypes.bfloat16)}
+    save_safetensors(tensors, tmp_path / "m.safetensors")
+    got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
+    assert sorted(got) == sorted(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_safetensors_reader_reads_files_of_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="the safetensors package is not installed (our writer is tested above)")
+    tensors = {"x": np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32), "y": np.ones(2, np.float16)}
+    st.save_file(tensors, str(tmp_path / "m.safetensors"))
+    got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(got[k], v)
+
+
+# --------------------------------------------------------------------------- conversion vs the numpy reference
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_small_reference_checkpoint_matches_the_numpy_reference(tmp_path, scan):
+    """A ViT-micro/4 checkpoint in the reference's format -> a workdir (unrolled or scanned blocks, as the
+    config says): online encoder, target encoder and predictor each reproduce the reference forward."""
+    ckpt = reference_checkpoint(MICRO)
+    save_torch(ckpt, tmp_path / "ref.pth.tar")
+    config = small_config(**{"model.scan_layers": scan})
+    summary = convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=config)
+    assert summary["arch"]["name"] == "vit_micro" and summary["epoch"] == 300
+
+    step, state, saved = restore_state(str(tmp_path / "run"))
+    assert step == 0 and int(state["step"]) == 0
+    assert saved["converted_from"]["epoch"] == 300 and saved["converted_from"]["world_size"] == 16
+    assert saved["model"]["scan_layers"] == scan
+    assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"])), "a fresh optimizer"
+
+    images, ctx, tgt = problem(MICRO)
+    enc_sd, tgt_sd, pred_sd = plain(ckpt["encoder"]), plain(ckpt["target_encoder"]), plain(ckpt["predictor"])
+    gap_target, _ = encoder_gap(state["target_params"], tgt_sd, MICRO, images, scan)
+    gap_online, _ = encoder_gap(state["params"]["encoder"], enc_sd, MICRO, images, scan)
+    gap_context, z = encoder_gap(state["params"]["encoder"], enc_sd, MICRO, images, scan, keep=ctx)
+    gap_pred = predictor_gap(state["params"]["predictor"], pred_sd, MICRO, z, ctx, tgt, scan)
+    GAPS.update({f"micro target{'/scan' * scan}": gap_target, f"micro predictor{'/scan' * scan}": gap_pred})
+    assert max(gap_target, gap_online, gap_context, gap_pred) <= ATOL, (gap_target, gap_online, gap_context, gap_pred)
+    # ...and the oracle tells the two encoders apart (the comparison would catch a swap).
+    assert encoder_gap(state["target_params"], enc_sd, MICRO, images, scan)[0] > 100 * ATOL
+
+
+@pytest.mark.parametrize("dims", [HUGE14, GIANT16], ids=["vit_h14", "vit_g16"])
+def test_released_shapes_match_the_numpy_reference(tmp_path, sizes, dims):
+    """ViT-H/14 and ViT-g/16 at 224px (widths 1280 / 1408, 16 heads, MLP 5120 / 6144 (ratio 48/11), predictor
+    width 384), with 2 or 1 blocks: converted without a config (the reference recipe, scanned blocks)."""
+    ckpt = reference_checkpoint(dims)
+    save_torch(ckpt, tmp_path / "ref.pth.tar")
+    summary = convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"))
+    a = summary["arch"]
+    assert (a["embed_dim"], a["depth"], a["num_heads"], a["mlp_dim"], a["patch_size"], a["grid"]) == dims[:6]
+    assert (a["pred_width"], a["pred_depth"]) == dims[6:]
+    _, state, saved = restore_state(str(tmp_path / "run"))
+    assert saved["model"]["scan_layers"] and saved["data"]["crop_size"] == 224
+
+    images, ctx, tgt = problem(dims, batch=1)
+    gap_target, _ = encoder_gap(state["target_params"], plain(ckpt["target_encoder"]), dims, images, scan=True)
+    _, z = encoder_gap(state["params"]["encoder"], plain(ckpt["encoder"]), dims, images, scan=True, keep=ctx)
+    gap_pred = predictor_gap(state["params"]["predictor"], plain(ckpt["predictor"]), dims, z, ctx, tgt, scan=True)
+    GAPS.update({f"{a['name']} target": gap_target, f"{a['name']} predictor": gap_pred})
+    assert gap_target <= ATOL and gap_pred <= ATOL, (gap_target, gap_pred)
+
+
+def to_hf(sd):
+    """A reference encoder state dict in the Hugging Face IJepaModel layout (transformers' conversion:
+    qkv split into query / key / value; renamed modules)."""
+    out = {}
+    for name, x in sd.items():
+        if name == "pos_embed":
+            out["embeddings.position_embeddings"] = x
+        elif name.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + name.split(".")[-1]] = x
+        elif name.startswith("norm."):
+            out["layernorm." + name.split(".")[-1]] = x
+        else:
+            _, i, *module, leaf = name.split(".")
+            module = ".".join(module)
+            if module == "attn.qkv":
+                for part, chunk in zip(("query", "key", "value"), np.split(x, 3)):
+                    out[f"encoder.layer.{i}.attention.attention.{part}.{leaf}"] = chunk
+                continue
+            hf = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}[module]
+            out[f"encoder.layer.{i}.{hf}.{leaf}"] = x
+    return out
+
+
+def test_huggingface_safetensors_export_matches_the_numpy_reference(tmp_path, sizes):
+    """An IJepaModel folder (model.safetensors, config.json) of ViT-H/14 shape -> --export; the exported
+    target encoder loads with checkpoint.load_encoder and reproduces the reference forward."""
+    sd = plain(reference_checkpoint(HUGE14)["encoder"])
+    folder = tmp_path / "ijepa_vith14_1k"
+    folder.mkdir()
+    save_safetensors(to_hf(sd), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}))
+    summary = convert.convert(str(folder), export=str(tmp_path / "enc.msgpack"))
+    assert summary["format"] == "huggingface" and summary["arch"]["pred_depth"] is None
+    encoder, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
+    assert info == {"name": "vit_huge_2blocks", "patch_size": 14, "crop_size": 224}
+    images, _, _ = problem(HUGE14, batch=1)
+    gap, _ = encoder_gap(params, sd, HUGE14, images)
+    GAPS["vit_huge_2blocks huggingface"] = gap
+    assert gap <= ATOL
+
+
+def test_huggingface_model_gets_a_fresh_predictor_and_its_encoder_twice(tmp_path):
+    """An encoder-only source into a workdir: online = target = that encoder, the config's predictor freshly
+    initialised; a classification head (IJepaForImageClassification: ijepa. prefix) is ignored."""
+    sd = plain(reference_checkpoint(MICRO)["target_encoder"])
+    tensors = {f"ijepa.{k}": v for k, v in to_hf(sd).items()}
+    tensors["classifier.weight"] = np.zeros((10, 64), np.float32)
+    save_safetensors(tensors, tmp_path / "model.safetensors")
+    convert.convert(str(tmp_path / "model.safetensors"), workdir=str(tmp_path / "run"), config=small_config())
+    _, state, _ = restore_state(str(tmp_path / "run"))
+    images, _, _ = problem(MICRO)
+    assert encoder_gap(state["target_params"], sd, MICRO, images)[0] <= ATOL
+    for x, y in zip(jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(state["target_params"])):
+        np.testing.assert_array_equal(x, y)
+    assert state["params"]["predictor"]["mask_token"].shape == (1, 1, 32)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _convert_dicts(tmp_path, ckpt, config=None):
+    save_torch(ckpt, tmp_path / "bad.pth.tar")
+    return convert.convert(str(tmp_path / "bad.pth.tar"), workdir=str(tmp_path / "run"), config=config)
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
+    ckpt = reference_checkpoint(MICRO)
+    del ckpt["target_encoder"]["module.blocks.1.attn.proj.bias"]
+    ckpt["target_encoder"]["module.blocks.0.attn.extra"] = np.zeros(3, np.float32)
+    ckpt["target_encoder"]["module.norm.weight"] = np.ones(65, np.float32)
+    with pytest.raises(ValueError) as e:
+        _convert_dicts(tmp_path, ckpt)
+    msg = str(e.value)
+    assert "[target_encoder]" in msg
+    assert "missing: blocks.1.attn.proj.bias" in msg
+    assert "unexpected: blocks.0.attn.extra" in msg
+    assert "wrong shape: norm.weight (65,) (expected (64,))" in msg
+
+
+def test_predictor_errors_and_a_missing_hf_tensor_are_named_in_their_own_layout(tmp_path):
+    ckpt = reference_checkpoint(MICRO)
+    ckpt["predictor"]["module.mask_token"] = np.zeros((1, 1, 16), np.float32)
+    with pytest.raises(ValueError, match=r"\[predictor\].*wrong shape: mask_token \(1, 1, 16\) \(expected \(1, 1, 32\)\)"):
+        _convert_dicts(tmp_path, ckpt)
+    tensors = to_hf(plain(reference_checkpoint(MICRO)["encoder"]))
+    del tensors["encoder.layer.1.attention.attention.key.weight"]
+    save_safetensors(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing: encoder\.layer\.1\.attention\.attention\.key\.weight"):
+        convert.convert(str(tmp_path / "model.safetensors"), export=str(tmp_path / "x.msgpack"))
+
+
+def test_config_mismatch_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.crop_size: checkpoint 16, config 32; model\.pred_depth: checkpoint 1, config 2"):
+        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config(**{"model.pred_depth": 2, "data.crop_size": 32}))
+    with pytest.raises(ValueError, match=r"model\.name: checkpoint 'vit_micro', config 'vit_tiny'"):
+        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config(**{"model.name": "vit_tiny"}))
+
+
+def test_unknown_sizes_learned_positions_and_non_checkpoints_are_refused(tmp_path):
+    ckpt = reference_checkpoint((64, 3, 2, 256, 4, 4, 32, 1))  # depth 3: no such ViT
+    with pytest.raises(ValueError, match=r"width 64, depth 3, MLP width 256 is none of the known sizes"):
+        _convert_dicts(tmp_path, ckpt)
+    ckpt = reference_checkpoint(MICRO)
+    ckpt["target_encoder"]["module.pos_embed"] = ckpt["target_encoder"]["module.pos_embed"] + np.float32(0.01)
+    with pytest.raises(ValueError, match=r"pos_embed differs from the fixed 2-D sin-cos table by 0.01"):
+        _convert_dicts(tmp_path, ckpt)
+    (tmp_path / "junk.pth.tar").write_bytes(b"\x80\x02not a zip")
+    with pytest.raises(ValueError, match="not a torch zip file"):
+        convert.convert(str(tmp_path / "junk.pth.tar"), export=str(tmp_path / "x.msgpack"))
+    save_torch({"weights": {"a": np.zeros(2, np.float32)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither encoder nor target_encoder"):
+        convert.convert(str(tmp_path / "other.pt"), export=str(tmp_path / "x.msgpack"))
+
+
+def test_refuses_a_workdir_that_holds_checkpoints(tmp_path):
+    _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config())
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config())
+
+
+# --------------------------------------------------------------------------- using the result
+
+
+def test_converted_checkpoint_restores_exports_and_starts_a_run(tmp_path):
+    """checkpoint.restore_target_encoder and export_from_workdir read the converted workdir; as
+    checkpoint.init_from it starts train.train (2 steps) from exactly the converted weights."""
+    ckpt = reference_checkpoint(MICRO)
+    save_torch(ckpt, tmp_path / "ref.pth.tar")
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=small_config())
+    params, config, step = checkpoint.restore_target_encoder(str(tmp_path / "converted"))
+    assert step == 0 and config.model.name == "vit_micro"
+    images, _, _ = problem(MICRO)
+    assert encoder_gap(params, plain(ckpt["target_encoder"]), MICRO, images)[0] <= ATOL
+    exported = checkpoint.export_from_workdir(str(tmp_path / "converted"), str(tmp_path / "enc.msgpack"))
+    _, exported_params, _ = checkpoint.load_encoder(exported)
+    for x, y in zip(jax.tree.leaves(exported_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    run = small_config(total_steps=2, **{"checkpoint.init_from": str(tmp_path / "converted")})
+    exp = train.build(run)
+    manager = checkpoint.make_manager(str(tmp_path / "probe"), exp.config.checkpoint, exp.steps_per_epoch)
+    state = train.initial_state(exp, manager, str(tmp_path / "probe"))
+    _, saved, _ = restore_state(str(tmp_path / "converted"))
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved["params"])):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    train.train(run, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_command_line(tmp_path):
+    """python -m ijepa_jax.convert --source --workdir --export --config."""
+    save_torch(reference_checkpoint(MICRO), tmp_path / "ref.pth.tar")
+    (tmp_path / "cfg.py").write_text("from conftest import small_config\n\ndef get_config():\n    return small_config()\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
+    args = [sys.executable, "-m", "ijepa_jax.convert", f"--source={tmp_path / 'ref.pth.tar'}", f"--workdir={tmp_path / 'run'}",
+            f"--export={tmp_path / 'enc.msgpack'}", f"--config={tmp_path / 'cfg.py'}"]
+    out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vit_micro/4 at 16px, predictor 1 x 32, epoch 300" in out.stdout
+    assert checkpoint.read_only_manager(str(tmp_path / "run"))[1] == 0
+    assert checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))[2]["name"] == "vit_micro"
+
+
+# --------------------------------------------------------------------------- with PyTorch, when installed
+
+
+def torch_reference_modules(torch, dims):
+    """The reference encoder and predictor as PyTorch modules (re-written from its vision_transformer.py:
+    timm-style pre-norm blocks, LayerNorm eps 1e-6, exact GELU, qkv with bias, fixed sin-cos buffers)."""
+    nn = torch.nn
+    d, depth, heads, hidden, patch, grid, width, pred_depth = dims
+
+    class Block(nn.Module):
+        def __init__(self, dim, mlp):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.attn = nn.Module()
+            self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
+            x = x + self.attn.proj((attn @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+            return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Module()
+            self.patch_embed.proj = nn.Conv2d(3, d, patch, stride=patch)
+            self.pos_embed = nn.Parameter(torch.from_numpy(numpy_ijepa.sincos_table(d, grid, grid)).float()[None], requires_grad=False)
+            self.blocks = nn.ModuleList([Block(d, hidden) for _ in range(depth)])
+            self.norm = nn.LayerNorm(d, eps=1e-6)
+
+        def forward(self, x, keep=None):
+            x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+            if keep is not None:
+                x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+
+    class Predictor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.predictor_embed = nn.Linear(d, width)
+            self.mask_token = nn.Parameter(torch.randn(1, 1, width))
+            self.predictor_pos_embed = nn.Parameter(torch.from_numpy(numpy_ijepa.sincos_table(width, grid, grid)).float()[None], requires_grad=False)
+            self.predictor_blocks = nn.ModuleList([Block(width, 4 * width) for _ in range(pred_depth)])
+            self.predictor_norm = nn.LayerNorm(width, eps=1e-6)
+            self.predictor_proj = nn.Linear(width, d)
+
+        def forward(self, z, ctx, tgt):  # one target block per image: tgt (B, T)
+            pos = self.predictor_pos_embed[0]
+            x = self.predictor_embed(z) + pos[ctx]
+            x = torch.cat([x, self.mask_token + pos[tgt]], dim=1)
+            for blk in self.predictor_blocks:
+                x = blk(x)
+            return self.predictor_proj(self.predictor_norm(x[:, ctx.shape[1]:]))
+
+    torch.manual_seed(0)
+    modules = Encoder(), Predictor(), Encoder()
+    with torch.no_grad():  # non-trivial LayerNorms and biases, as trained weights have
+        for m in modules:
+            for name, p in m.named_parameters():
+                if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm.weight" in name:
+                    p.normal_(1.0, 0.2)
+                elif name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+    return modules
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matches_pytorch_reference_modules(tmp_path, dtype):
+    """torch.save of PyTorch modules written from the reference (DDP prefixes; float32, or bfloat16 storages)
+    -> convert -> our encoder and predictor match the modules' outputs on the same weights."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the comparison with PyTorch modules is skipped")
+    enc, pred, tgt = torch_reference_modules(torch, MICRO)
+    if dtype == "bfloat16":  # the weights as bf16 holds them, for both sides; the fixed tables stay exact
+        with torch.no_grad():
+            for m in (enc, pred, tgt):
+                for name, p in m.named_parameters():
+                    if not name.endswith("pos_embed"):
+                        p.copy_(p.to(torch.bfloat16).float())
+
+    def state(m):
+        cast = lambda k, v: v if k.endswith("pos_embed") else v.to(getattr(torch, dtype))  # noqa: E731
+        return collections.OrderedDict((f"module.{k}", cast(k, v)) for k, v in m.state_dict().items())
+
+    torch.save({"encoder": state(enc), "predictor": state(pred), "target_encoder": state(tgt), "epoch": 3}, tmp_path / "ref.pth.tar")
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=small_config())
+    _, saved, _ = restore_state(str(tmp_path / "run"))
+
+    images, ctx, tgt_idx = problem(MICRO)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        want_target = tgt(x).numpy()
+        z = enc(x, torch.from_numpy(ctx.astype(np.int64)))
+        want_pred = pred(z, torch.from_numpy(ctx.astype(np.int64)), torch.from_numpy(tgt_idx[:, 0].astype(np.int64))).numpy()
+    d, depth, heads, hidden, patch, grid, width, pred_depth = MICRO
+    ours_target = vit.Encoder(patch, d, depth, heads).apply({"params": saved["target_params"]}, images)
+    ours_z = vit.Encoder(patch, d, depth, heads).apply({"params": saved["params"]["encoder"]}, images, ctx)
+    ones = lambda a: np.ones(a.shape, bool)  # noqa: E731
+    ours_pred = vit.Predictor(grid, grid, width, pred_depth, heads).apply(
+        {"params": saved["params"]["predictor"]}, ours_z, ctx, ones(ctx), tgt_idx[:, :1], ones(tgt_idx[:, :1])
+    )[:, 0]
+    gaps = float(np.abs(np.asarray(ours_target) - want_target).max()), float(np.abs(np.asarray(ours_pred) - want_pred).max())
+    GAPS.update({f"torch {dtype} target": gaps[0], f"torch {dtype} predictor": gaps[1]})
+    assert max(gaps) <= ATOL, gaps
+
+
+def test_our_torch_writer_is_what_torch_load_reads(tmp_path):
+    """The test-only writer above writes real torch files (so the torch-free tests test the real format)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the writer is checked only against our reader")
+    base = np.arange(30, dtype=np.float32).reshape(5, 6)
+    save_torch({"w": ddp({"a": base}), "t": _Strided(base, 0, (6, 5), (1, 6)), "b": np.ones(3, ml_dtypes.bfloat16), "epoch": 2}, tmp_path / "x.pt")
+    got = torch.load(tmp_path / "x.pt", weights_only=True)
+    np.testing.assert_array_equal(got["w"]["module.a"].numpy(), base)
+    np.testing.assert_array_equal(got["t"].numpy(), base.T)
+    assert got["b"].dtype == torch.bfloat16 and got["epoch"] == 2
