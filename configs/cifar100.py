@@ -3,7 +3,8 @@
     python -m ijepa_jax.train --config configs/cifar100.py:vit_tiny --workdir runs/c100 \
         --config.data.root=../shared/data
 
-Argument: vit_tiny (default) or vit_small. Patch 4 gives an 8x8 grid; the
+Argument: vit_tiny (default) or vit_small, optionally followed by ',smoke' (the
+tiny variant of config_lib.smoke: ViT-micro, 20 steps). Patch 4 gives an 8x8 grid; the
 recipe (config_lib.small_scale_recipe) uses the corrected sampler there, and
 `--config.mask.mode=reference` restores the reference's.
 """
@@ -12,9 +13,8 @@ from ijepa_jax import config_lib
 
 
 def get_config(arg: str = "vit_tiny"):
-    if arg not in config_lib.SMALL_SCALE_PREDICTORS:
-        raise ValueError(f"configs/cifar100.py:{arg}: choose one of {sorted(config_lib.SMALL_SCALE_PREDICTORS)}.")
+    model, is_smoke = config_lib.parse_config_arg(arg, config_lib.SMALL_SCALE_PREDICTORS, "vit_tiny")
     # One epoch of 50,000 images at batch 256 is 195 steps.
-    c = config_lib.small_scale_recipe(arg, patch_size=4, crop_size=32, steps_per_epoch=195)
+    c = config_lib.small_scale_recipe(model, patch_size=4, crop_size=32, steps_per_epoch=195)
     c.data.update(source="cifar100", root="../shared/data")
-    return c
+    return config_lib.smoke(c) if is_smoke else c

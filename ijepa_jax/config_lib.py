@@ -210,6 +210,34 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_p
     return c
 
 
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The one tiny variant of any config, for tests, smoke runs and CI benchmarks: ViT-micro/4 on
+    16px crops (a 4x4 grid), batch 8, a 1x32 predictor, two small target blocks, 20 steps. The data
+    source stays the config's (tests switch to 'synthetic'); everything compiles in seconds."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.update(name="vit_micro", patch_size=4, pred_depth=1, pred_width=32)
+    c.data.update(crop_size=16, batch_size=8, synthetic_images=64, num_threads=1, num_workers=0)
+    c.mask.update(
+        mode="corrected", num_targets=2, target_scale=(0.25, 0.3), target_aspect=(1.0, 1.0),
+        context_scale=(0.9, 1.0), min_keep=2, context_tokens=6,
+    )
+    c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
+    c.eval.update(batch_size=64, probe_epochs=5, monitor_train_samples_per_class=5, monitor_test_samples_per_class=2)
+    c.total_steps, c.log_every_steps = 20, 5
+    c.checkpoint.every_steps = 10
+    return c
+
+
+def parse_config_arg(arg: str, choices, default: str) -> tuple[str, bool]:
+    """'vit_small' -> ('vit_small', False); 'vit_tiny,smoke' or 'smoke' -> (..., True)."""
+    parts = [p for p in arg.split(",") if p]
+    is_smoke = "smoke" in parts
+    names = [p for p in parts if p != "smoke"] or [default]
+    if len(names) != 1 or names[0] not in choices:
+        raise ValueError(f"config argument {arg!r}: give one of {sorted(choices)}, optionally followed by ',smoke'.")
+    return names[0], is_smoke
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ValueError naming the offending key and the fix."""
     m, d, o = config.model, config.data, config.optim

@@ -34,16 +34,12 @@ def pytest_configure(config):
 
 
 def small_config(**overrides):
-    """A seconds-to-compile config on generated data: ViT-micro/4 at 16px (a 4x4 grid), batch 8."""
-    c = config_lib.default_config()
-    c.model.update(name="vit_micro", patch_size=4, pred_depth=1, pred_width=32)
-    c.data.update(source="synthetic", crop_size=16, batch_size=8, synthetic_images=64, num_threads=1)
-    c.mask.update(
-        mode="corrected", num_targets=2, target_scale=(0.25, 0.3), target_aspect=(1.0, 1.0),
-        context_scale=(0.9, 1.0), min_keep=2, context_tokens=6,
-    )
-    c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
-    c.log_every_steps = 1
+    """config_lib.smoke on generated data (64 images: 8 steps per epoch), every step logged and the
+    whole 2 epochs run unless `total_steps` says otherwise."""
+    c = config_lib.smoke(config_lib.default_config())
+    c.data.source = "synthetic"
+    c.total_steps, c.log_every_steps = -1, 1
+    c.checkpoint.every_steps = config_lib.default_config().checkpoint.every_steps
     c.update_from_flattened_dict(overrides)
     return c
 

@@ -226,3 +226,16 @@ def test_more_values_that_are_rejected_up_front(overrides, words):
 
     with pytest.raises(ValueError, match=words):
         config_lib.validate(small_config(**overrides), num_devices=8)
+
+
+@pytest.mark.parametrize("filename", ["cifar100.py", "tiny_imagenet.py"])
+def test_smoke_argument_gives_the_tiny_variant_of_the_same_config(filename):
+    """'vit_small,smoke' keeps the config's data settings and swaps in the seconds-to-compile model."""
+    full = get_config(filename, "vit_small")
+    smoke = get_config(filename, "vit_small,smoke")
+    assert smoke.model.name == "vit_micro" and smoke.data.crop_size == 16 and smoke.total_steps == 20
+    assert (smoke.data.source, smoke.data.root) == (full.data.source, full.data.root)
+    smoke.data.root = smoke.data.root or "/data"  # tiny_imagenet.py leaves the folder to the command line
+    config_lib.validate(smoke, num_devices=8)
+    with pytest.raises(ValueError, match="smoke"):
+        get_config(filename, "vit_huge,smoke")

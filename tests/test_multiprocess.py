@@ -52,16 +52,10 @@ sys.argv = ["ijepa_jax.train"] + sys.argv[1:]
 runpy.run_module("ijepa_jax.train", run_name="__main__", alter_sys=True)
 """
 
-# small_config as command-line overrides (synthetic 16px images, ViT-micro/4, global batch 8).
+# The smoke config on synthetic data (16px images, ViT-micro/4, global batch 8, 8 steps per epoch).
 SMALL = [
-    "--config", "configs/cifar100.py:vit_tiny",
-    "--config.data.source=synthetic", "--config.data.synthetic_images=64", "--config.data.crop_size=16",
-    "--config.data.batch_size=8", "--config.data.num_threads=1",
-    "--config.model.name=vit_micro", "--config.model.pred_depth=1", "--config.model.pred_width=32",
-    "--config.mask.min_keep=2", "--config.mask.num_targets=2", "--config.mask.target_scale=(0.25,0.3)",
-    "--config.mask.target_aspect=(1,1)", "--config.mask.context_scale=(0.9,1.0)", "--config.mask.context_tokens=6",
-    "--config.optim.epochs=300", "--config.optim.warmup_epochs=1", "--config.optim.lr=0.001",
-    "--config.optim.start_lr=0.0001", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
+    "--config", "configs/cifar100.py:vit_tiny,smoke", "--config.data.source=synthetic",
+    "--config.optim.epochs=300", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
     "--config.checkpoint.export_at_end=False",
 ]
 DEVICES_PER_PROCESS = 2

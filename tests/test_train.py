@@ -241,21 +241,11 @@ def test_train_rejects_bad_config_naming_the_key(tmp_path, overrides, key):
 # ----------------------------------------------------------------------------
 # command line
 
-CLI = [sys.executable, "-m", "ijepa_jax.train", "--config", "configs/cifar100.py:vit_tiny"]
+CLI = [sys.executable, "-m", "ijepa_jax.train", "--config", "configs/cifar100.py:vit_tiny,smoke"]
 SMALL_OVERRIDES = [
     "--config.data.source=synthetic",
-    "--config.model.name=vit_micro",
-    "--config.model.pred_depth=1",
-    "--config.model.pred_width=32",
-    "--config.data.crop_size=16",
-    "--config.data.batch_size=8",
-    "--config.data.synthetic_images=64",
     "--config.total_steps=3",
-    "--config.mask.min_keep=2",
-    "--config.mask.num_targets=2",
-    "--config.mask.target_scale=(0.25,0.3)",
-    "--config.mask.target_aspect=(1,1)",
-    "--config.mask.context_tokens=6",
+    "--config.mask.target_scale=(0.25,0.3)",  # a tuple through the command line
 ]
 
 
