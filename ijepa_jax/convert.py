@@ -67,10 +67,21 @@ _STORAGE_DTYPES = {
     "UntypedStorage": np.uint8,  # bytes; the tensor then names its dtype (_rebuild_tensor_v3)
 }
 _TORCH_DTYPES = {
-    "float32": np.float32, "float": np.float32, "float16": np.float16, "half": np.float16,
-    "bfloat16": ml_dtypes.bfloat16, "float64": np.float64, "double": np.float64, "int64": np.int64,
-    "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
-    "uint8": np.uint8, "bool": np.bool_,
+    "float32": np.float32,
+    "float": np.float32,
+    "float16": np.float16,
+    "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float64": np.float64,
+    "double": np.float64,
+    "int64": np.int64,
+    "long": np.int64,
+    "int32": np.int32,
+    "int": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 
 
@@ -78,14 +89,13 @@ _TORCH_DTYPES = {
 class _Storage:
     key: str  # the zip record data/<key>
     dtype: np.dtype
-    numel: int
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorRef:
     """A tensor of a torch file, read on demand (np.asarray) from its storage record."""
 
-    file: "TorchFile"
+    file: TorchFile
     storage: _Storage
     dtype: np.dtype
     offset: int  # in elements of dtype, as are the strides
@@ -190,10 +200,10 @@ class TorchFile:
             def persistent_load(self, pid):
                 if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
                     raise ValueError(f"{file.path}: unknown persistent record {pid!r}.")
-                _, dtype, key, _, numel = pid
+                _, dtype, key, _, _ = pid  # ('storage', type, key, location, numel)
                 if not isinstance(dtype, np.dtype):
                     raise ValueError(f"{file.path}: storage {key} has an unsupported type {dtype!r}.")
-                return _Storage(str(key), dtype, int(numel))
+                return _Storage(str(key), dtype)
 
         with self.zip.open(f"{self.prefix}data.pkl") as f:
             obj = Unpickler(f).load()
@@ -226,8 +236,16 @@ def _bind(obj, file):
 # reading safetensors (8-byte header length, JSON header, raw little-endian data)
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -423,7 +441,9 @@ def infer_architecture(encoder: dict, predictor: dict | None, layout: str, where
     n = encoder[pos].shape[1]
     grid = int(round(n**0.5))
     if channels != 3 or grid * grid != n:
-        raise ValueError(f"{where}: {patch} {encoder[patch].shape} / {pos} {encoder[pos].shape}: not RGB, or not a square grid.")
+        raise ValueError(
+            f"{where}: {patch} {encoder[patch].shape} / {pos} {encoder[pos].shape}: not RGB, or not a square grid."
+        )
     names = [k for k, (w, dep, _, r) in vit.VIT_SIZES.items() if w == d and dep == depth and int(w * r) == mlp_dim]
     if not names:
         known = ", ".join(f"{k} {w}/{dep}/{int(w * r)}" for k, (w, dep, _, r) in vit.VIT_SIZES.items())
@@ -460,7 +480,7 @@ class Source:
 
 
 def _strip(state: dict, prefix: str = "module.") -> dict:
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def load_reference(path: str) -> Source:
@@ -480,7 +500,11 @@ def load_reference(path: str) -> Source:
     for key, state in states.items():
         shapes = predictor_shapes(arch) if key == "predictor" else encoder_shapes(arch)
         check_tensors(state, shapes, f"{path} [{key}]")
-    info = {"format": "reference", "path": os.path.abspath(path), "encoders": sorted(k for k in states if "encoder" in k)}
+    info = {
+        "format": "reference",
+        "path": os.path.abspath(path),
+        "encoders": sorted(k for k in states if "encoder" in k),
+    }
     for key in ("epoch", "loss", "batch_size", "world_size", "lr"):
         if isinstance(top.get(key), (int, float)):
             info[key] = top[key]
@@ -583,7 +607,7 @@ def _check_positions(sd, name, grid, where):
     (A table stored in 16 bits is off by its rounding, up to one ulp of 1.)"""
     stored = sd[name]
     table = _f32(stored)[0]
-    tolerance = max(POS_EMBED_ATOL, float(np.finfo(stored.dtype).eps))
+    tolerance = max(POS_EMBED_ATOL, float(ml_dtypes.finfo(stored.dtype).eps))
     gap = float(np.abs(table - vit.sincos_2d(table.shape[-1], grid, grid)).max())
     if gap > tolerance:
         raise ValueError(
@@ -722,10 +746,9 @@ def main(argv) -> None:
     a = summary["arch"]
     pred = f", predictor {a['pred_depth']} x {a['pred_width']}" if a["pred_depth"] else ", no predictor"
     epoch = f", epoch {summary['epoch']}" if "epoch" in summary else ""
-    print(
-        f"{summary['format']} checkpoint: {a['name']}/{a['patch_size']} at {a['grid'] * a['patch_size']}px{pred}{epoch}; "
-        f"wrote {' and '.join(x for x in (FLAGS.workdir, FLAGS.export) if x)} in {summary['seconds']:.1f} s"
-    )
+    model = f"{a['name']}/{a['patch_size']} at {a['grid'] * a['patch_size']}px"
+    written = " and ".join(x for x in (FLAGS.workdir, FLAGS.export) if x)
+    print(f"{summary['format']} checkpoint: {model}{pred}{epoch}; wrote {written} in {summary['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fp32 (XLA:CPU) vs the float64 oracle on patch tokens: the brief's bound.
 ATOL = 1e-4
 
-# --------------------------------------------------------------------------- the torch zip format, written without torch
+# --------------------------------------------------------------------------- torch zip files, written without torch
 
 
 class _Global:
@@ -95,7 +95,14 @@ class _TorchPickler(pickle._Pickler):  # the pure-Python pickler: its save() can
         if isinstance(obj, np.ndarray):
             obj = _Strided(obj, 0, obj.shape, tuple(s // obj.itemsize for s in np.ascontiguousarray(obj).strides))
         if isinstance(obj, _Strided):
-            args = (("__storage__", obj.base), obj.offset, tuple(obj.shape), tuple(obj.stride), False, collections.OrderedDict())
+            args = (
+                ("__storage__", obj.base),
+                obj.offset,
+                tuple(obj.shape),
+                tuple(obj.stride),
+                False,
+                collections.OrderedDict(),
+            )
             return _Global("torch._utils", "_rebuild_tensor_v2"), args
         return NotImplemented
 
@@ -145,7 +152,12 @@ def _blocks(rng, prefix, depth, d, hidden):
         b = f"{prefix}{i}."
         for norm in ("norm1", "norm2"):
             sd[b + norm + ".weight"], sd[b + norm + ".bias"] = _rand(rng, (d,), "scale"), _rand(rng, (d,), "bias")
-        for name, (o, n) in {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (hidden, d), "mlp.fc2": (d, hidden)}.items():
+        for name, (o, n) in {
+            "attn.qkv": (3 * d, d),
+            "attn.proj": (d, d),
+            "mlp.fc1": (hidden, d),
+            "mlp.fc2": (d, hidden),
+        }.items():
             sd[b + name + ".weight"], sd[b + name + ".bias"] = _rand(rng, (o, n), "weight"), _rand(rng, (o,), "bias")
     return sd
 
@@ -183,10 +195,22 @@ def ddp(sd):
     return collections.OrderedDict((f"module.{k}", v) for k, v in sd.items())
 
 
-# name -> (width, depth, heads, MLP width, patch, grid, predictor width, predictor depth)
-MICRO = (64, 2, 2, 256, 4, 4, 32, 1)  # what conftest.small_config builds: ViT-micro/4 at 16px, predictor 1 x 32
+# (width, depth, heads, MLP width, patch, grid, predictor width, predictor depth)
+MICRO = (64, 2, 2, 256, 4, 4, 32, 1)  # ViT-micro/4 at 16px, predictor 1 x 32 (conftest.small_config's model)
 HUGE14 = (1280, 2, 16, 5120, 14, 16, 384, 1)  # ViT-H/14 at 224 with 2 of its 32 blocks
 GIANT16 = (1408, 1, 16, 6144, 16, 14, 384, 1)  # ViT-g/16 at 224 with 1 of its 40 blocks
+MICRO_ARCH = {
+    "model.name": "vit_micro",
+    "model.patch_size": 4,
+    "data.crop_size": 16,
+    "model.pred_depth": 1,
+    "model.pred_width": 32,
+}
+
+
+def micro_config(**overrides):
+    """conftest.small_config with the MICRO architecture pinned (whatever small_config's defaults become)."""
+    return small_config(**{**MICRO_ARCH, **overrides})
 
 
 def reference_checkpoint(dims, seed=0):
@@ -197,15 +221,26 @@ def reference_checkpoint(dims, seed=0):
     enc = reference_encoder(rng, d, depth, hidden, patch, grid)
     tgt = reference_encoder(rng, d, depth, hidden, patch, grid)
     pred = reference_predictor(rng, d, width, pred_depth, grid)
-    opt = {"state": {0: {"step": np.array(10.0, np.float32), "exp_avg": np.zeros(3, np.float32)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    opt = {
+        "state": {0: {"step": np.array(10.0, np.float32), "exp_avg": np.zeros(3, np.float32)}},
+        "param_groups": [{"lr": 1e-3, "params": [0]}],
+    }
     return {
-        "encoder": ddp(enc), "predictor": ddp(pred), "target_encoder": ddp(tgt), "opt": opt, "scaler": None,
-        "epoch": 300, "loss": 0.0731, "batch_size": 128, "world_size": 16, "lr": 1.05e-6,
+        "encoder": ddp(enc),
+        "predictor": ddp(pred),
+        "target_encoder": ddp(tgt),
+        "opt": opt,
+        "scaler": None,
+        "epoch": 300,
+        "loss": 0.0731,
+        "batch_size": 128,
+        "world_size": 16,
+        "lr": 1.05e-6,
     }
 
 
 def plain(sd):
-    return {k[len("module."):]: v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 @pytest.fixture
@@ -222,8 +257,12 @@ def restore_state(workdir):
     """The whole saved state (a dict) and config of a workdir's latest checkpoint, on one device."""
     manager, step = checkpoint.read_only_manager(workdir)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), manager.item_metadata(step)["state"])
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), manager.item_metadata(step)["state"]
+    )
+    out = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
+    )
     return step, jax.tree.map(np.asarray, out["state"]), out["config"]
 
 
@@ -234,21 +273,38 @@ def encoder_gap(params, sd, dims, images, scan=False, keep=None):
     enc = vit.Encoder(patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=ratio, scan=scan)
     idx = None if keep is None else jnp.asarray(keep)
     ours = np.asarray(jax.jit(enc.apply)({"params": params}, jnp.asarray(images), idx))
-    want = [numpy_ijepa.encode(sd, im.transpose(2, 0, 1).astype(np.float64), heads, None if keep is None else keep[b]) for b, im in enumerate(images)]
+    want = [
+        numpy_ijepa.encode(sd, im.transpose(2, 0, 1).astype(np.float64), heads, None if keep is None else keep[b])
+        for b, im in enumerate(images)
+    ]
     return float(np.abs(ours - np.stack(want)).max()), ours
 
 
 def predictor_gap(params, sd, dims, z, ctx, tgt, scan=False):
     """max |our Predictor - numpy reference predictor| for context features z (B, K, D) and targets (B, M, T)."""
-    d, _, heads, _, _, grid, width, pred_depth = dims
+    _, _, heads, _, _, grid, width, pred_depth = dims
     pred = vit.Predictor(grid_h=grid, grid_w=grid, embed_dim=width, depth=pred_depth, num_heads=heads, scan=scan)
     ours = np.asarray(
-        jax.jit(pred.apply)({"params": params}, jnp.asarray(z), jnp.asarray(ctx), jnp.ones(ctx.shape, bool), jnp.asarray(tgt), jnp.ones(tgt.shape, bool))
+        jax.jit(pred.apply)(
+            {"params": params},
+            jnp.asarray(z),
+            jnp.asarray(ctx),
+            jnp.ones(ctx.shape, bool),
+            jnp.asarray(tgt),
+            jnp.ones(tgt.shape, bool),
+        )
     )
-    want = np.stack([
-        np.stack([numpy_ijepa.predict(sd, np.asarray(z[b], np.float64), ctx[b], tgt[b, m], heads) for m in range(tgt.shape[1])])
-        for b in range(len(z))
-    ])
+    want = np.stack(
+        [
+            np.stack(
+                [
+                    numpy_ijepa.predict(sd, np.asarray(z[b], np.float64), ctx[b], tgt[b, m], heads)
+                    for m in range(tgt.shape[1])
+                ]
+            )
+            for b in range(len(z))
+        ]
+    )
     return float(np.abs(ours - want).max())
 
 
@@ -303,7 +359,11 @@ def test_torch_reader_reads_every_dtype_views_and_skips_unknown_objects(tmp_path
 
 
 def test_safetensors_reader(tmp_path):
-    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "h": np.ones(5, np.float16), "b": np.arange(3).astype(ml_dtypes.bfloat16)}
+    tensors = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "h": np.ones(5, np.float16),
+        "b": np.arange(3).astype(ml_dtypes.bfloat16),
+    }
     save_safetensors(tensors, tmp_path / "m.safetensors")
     got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
     assert sorted(got) == sorted(tensors)
@@ -313,7 +373,9 @@ def test_safetensors_reader(tmp_path):
 
 
 def test_safetensors_reader_reads_files_of_the_safetensors_package(tmp_path):
-    st = pytest.importorskip("safetensors.numpy", reason="the safetensors package is not installed (our writer is tested above)")
+    st = pytest.importorskip(
+        "safetensors.numpy", reason="the safetensors package is not installed (our writer is tested above)"
+    )
     tensors = {"x": np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32), "y": np.ones(2, np.float16)}
     st.save_file(tensors, str(tmp_path / "m.safetensors"))
     got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
@@ -330,7 +392,7 @@ def test_small_reference_checkpoint_matches_the_numpy_reference(tmp_path, scan):
     config says): online encoder, target encoder and predictor each reproduce the reference forward."""
     ckpt = reference_checkpoint(MICRO)
     save_torch(ckpt, tmp_path / "ref.pth.tar")
-    config = small_config(**{"model.scan_layers": scan})
+    config = micro_config(**{"model.scan_layers": scan})
     summary = convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=config)
     assert summary["arch"]["name"] == "vit_micro" and summary["epoch"] == 300
 
@@ -391,8 +453,13 @@ def to_hf(sd):
                 for part, chunk in zip(("query", "key", "value"), np.split(x, 3)):
                     out[f"encoder.layer.{i}.attention.attention.{part}.{leaf}"] = chunk
                 continue
-            hf = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}[module]
+            hf = {
+                "norm1": "layernorm_before",
+                "norm2": "layernorm_after",
+                "attn.proj": "attention.output.dense",
+                "mlp.fc1": "intermediate.dense",
+                "mlp.fc2": "output.dense",
+            }[module]
             out[f"encoder.layer.{i}.{hf}.{leaf}"] = x
     return out
 
@@ -407,7 +474,7 @@ def test_huggingface_safetensors_export_matches_the_numpy_reference(tmp_path, si
     (folder / "config.json").write_text(json.dumps({"layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}))
     summary = convert.convert(str(folder), export=str(tmp_path / "enc.msgpack"))
     assert summary["format"] == "huggingface" and summary["arch"]["pred_depth"] is None
-    encoder, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
+    _, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
     assert info == {"name": "vit_huge_2blocks", "patch_size": 14, "crop_size": 224}
     images, _, _ = problem(HUGE14, batch=1)
     gap, _ = encoder_gap(params, sd, HUGE14, images)
@@ -422,7 +489,7 @@ def test_huggingface_model_gets_a_fresh_predictor_and_its_encoder_twice(tmp_path
     tensors = {f"ijepa.{k}": v for k, v in to_hf(sd).items()}
     tensors["classifier.weight"] = np.zeros((10, 64), np.float32)
     save_safetensors(tensors, tmp_path / "model.safetensors")
-    convert.convert(str(tmp_path / "model.safetensors"), workdir=str(tmp_path / "run"), config=small_config())
+    convert.convert(str(tmp_path / "model.safetensors"), workdir=str(tmp_path / "run"), config=micro_config())
     _, state, _ = restore_state(str(tmp_path / "run"))
     images, _, _ = problem(MICRO)
     assert encoder_gap(state["target_params"], sd, MICRO, images)[0] <= ATOL
@@ -456,7 +523,9 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
 def test_predictor_errors_and_a_missing_hf_tensor_are_named_in_their_own_layout(tmp_path):
     ckpt = reference_checkpoint(MICRO)
     ckpt["predictor"]["module.mask_token"] = np.zeros((1, 1, 16), np.float32)
-    with pytest.raises(ValueError, match=r"\[predictor\].*wrong shape: mask_token \(1, 1, 16\) \(expected \(1, 1, 32\)\)"):
+    with pytest.raises(
+        ValueError, match=r"\[predictor\].*wrong shape: mask_token \(1, 1, 16\) \(expected \(1, 1, 32\)\)"
+    ):
         _convert_dicts(tmp_path, ckpt)
     tensors = to_hf(plain(reference_checkpoint(MICRO)["encoder"]))
     del tensors["encoder.layer.1.attention.attention.key.weight"]
@@ -466,10 +535,14 @@ def test_predictor_errors_and_a_missing_hf_tensor_are_named_in_their_own_layout(
 
 
 def test_config_mismatch_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.crop_size: checkpoint 16, config 32; model\.pred_depth: checkpoint 1, config 2"):
-        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config(**{"model.pred_depth": 2, "data.crop_size": 32}))
+    with pytest.raises(
+        ValueError, match=r"data\.crop_size: checkpoint 16, config 32; model\.pred_depth: checkpoint 1, config 2"
+    ):
+        _convert_dicts(
+            tmp_path, reference_checkpoint(MICRO), micro_config(**{"model.pred_depth": 2, "data.crop_size": 32})
+        )
     with pytest.raises(ValueError, match=r"model\.name: checkpoint 'vit_micro', config 'vit_tiny'"):
-        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config(**{"model.name": "vit_tiny"}))
+        _convert_dicts(tmp_path, reference_checkpoint(MICRO), micro_config(**{"model.name": "vit_tiny"}))
 
 
 def test_unknown_sizes_learned_positions_and_non_checkpoints_are_refused(tmp_path):
@@ -488,10 +561,23 @@ def test_unknown_sizes_learned_positions_and_non_checkpoints_are_refused(tmp_pat
         convert.convert(str(tmp_path / "other.pt"), export=str(tmp_path / "x.msgpack"))
 
 
+def test_half_precision_checkpoints_convert_to_float32(tmp_path):
+    """Every tensor stored as bfloat16 (pos_embed too, off the exact table by bf16 rounding): converted, the
+    parameters are those values in float32."""
+    ckpt = reference_checkpoint(MICRO)
+    for key in ("encoder", "predictor", "target_encoder"):
+        ckpt[key] = {k: v.astype(ml_dtypes.bfloat16) for k, v in ckpt[key].items()}
+    _convert_dicts(tmp_path, ckpt, micro_config())
+    _, state, _ = restore_state(str(tmp_path / "run"))
+    qkv = ckpt["target_encoder"]["module.blocks.1.attn.qkv.weight"].astype(np.float32)
+    np.testing.assert_array_equal(state["target_params"]["stack"]["blocks_1"]["attn"]["qkv"]["kernel"], qkv.T)
+    assert state["target_params"]["norm"]["scale"].dtype == np.float32
+
+
 def test_refuses_a_workdir_that_holds_checkpoints(tmp_path):
-    _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config())
+    _convert_dicts(tmp_path, reference_checkpoint(MICRO), micro_config())
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        _convert_dicts(tmp_path, reference_checkpoint(MICRO), small_config())
+        _convert_dicts(tmp_path, reference_checkpoint(MICRO), micro_config())
 
 
 # --------------------------------------------------------------------------- using the result
@@ -502,7 +588,7 @@ def test_converted_checkpoint_restores_exports_and_starts_a_run(tmp_path):
     checkpoint.init_from it starts train.train (2 steps) from exactly the converted weights."""
     ckpt = reference_checkpoint(MICRO)
     save_torch(ckpt, tmp_path / "ref.pth.tar")
-    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=small_config())
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=micro_config())
     params, config, step = checkpoint.restore_target_encoder(str(tmp_path / "converted"))
     assert step == 0 and config.model.name == "vit_micro"
     images, _, _ = problem(MICRO)
@@ -512,7 +598,7 @@ def test_converted_checkpoint_restores_exports_and_starts_a_run(tmp_path):
     for x, y in zip(jax.tree.leaves(exported_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-    run = small_config(total_steps=2, **{"checkpoint.init_from": str(tmp_path / "converted")})
+    run = micro_config(total_steps=2, **{"checkpoint.init_from": str(tmp_path / "converted")})
     exp = train.build(run)
     manager = checkpoint.make_manager(str(tmp_path / "probe"), exp.config.checkpoint, exp.steps_per_epoch)
     state = train.initial_state(exp, manager, str(tmp_path / "probe"))
@@ -528,10 +614,21 @@ def test_converted_checkpoint_restores_exports_and_starts_a_run(tmp_path):
 def test_command_line(tmp_path):
     """python -m ijepa_jax.convert --source --workdir --export --config."""
     save_torch(reference_checkpoint(MICRO), tmp_path / "ref.pth.tar")
-    (tmp_path / "cfg.py").write_text("from conftest import small_config\n\ndef get_config():\n    return small_config()\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
-    args = [sys.executable, "-m", "ijepa_jax.convert", f"--source={tmp_path / 'ref.pth.tar'}", f"--workdir={tmp_path / 'run'}",
-            f"--export={tmp_path / 'enc.msgpack'}", f"--config={tmp_path / 'cfg.py'}"]
+    (tmp_path / "cfg.py").write_text(
+        f"from conftest import small_config\n\ndef get_config():\n    return small_config(**{MICRO_ARCH!r})\n"
+    )
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "ijepa_jax.convert",
+        f"--source={tmp_path / 'ref.pth.tar'}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--export={tmp_path / 'enc.msgpack'}",
+        f"--config={tmp_path / 'cfg.py'}",
+    ]
     out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vit_micro/4 at 16px, predictor 1 x 32, epoch 300" in out.stdout
@@ -569,7 +666,9 @@ def torch_reference_modules(torch, dims):
             super().__init__()
             self.patch_embed = nn.Module()
             self.patch_embed.proj = nn.Conv2d(3, d, patch, stride=patch)
-            self.pos_embed = nn.Parameter(torch.from_numpy(numpy_ijepa.sincos_table(d, grid, grid)).float()[None], requires_grad=False)
+            self.pos_embed = nn.Parameter(
+                torch.from_numpy(numpy_ijepa.sincos_table(d, grid, grid)).float()[None], requires_grad=False
+            )
             self.blocks = nn.ModuleList([Block(d, hidden) for _ in range(depth)])
             self.norm = nn.LayerNorm(d, eps=1e-6)
 
@@ -586,7 +685,9 @@ def torch_reference_modules(torch, dims):
             super().__init__()
             self.predictor_embed = nn.Linear(d, width)
             self.mask_token = nn.Parameter(torch.randn(1, 1, width))
-            self.predictor_pos_embed = nn.Parameter(torch.from_numpy(numpy_ijepa.sincos_table(width, grid, grid)).float()[None], requires_grad=False)
+            self.predictor_pos_embed = nn.Parameter(
+                torch.from_numpy(numpy_ijepa.sincos_table(width, grid, grid)).float()[None], requires_grad=False
+            )
             self.predictor_blocks = nn.ModuleList([Block(width, 4 * width) for _ in range(pred_depth)])
             self.predictor_norm = nn.LayerNorm(width, eps=1e-6)
             self.predictor_proj = nn.Linear(width, d)
@@ -597,14 +698,14 @@ def torch_reference_modules(torch, dims):
             x = torch.cat([x, self.mask_token + pos[tgt]], dim=1)
             for blk in self.predictor_blocks:
                 x = blk(x)
-            return self.predictor_proj(self.predictor_norm(x[:, ctx.shape[1]:]))
+            return self.predictor_proj(self.predictor_norm(x[:, ctx.shape[1] :]))
 
     torch.manual_seed(0)
     modules = Encoder(), Predictor(), Encoder()
     with torch.no_grad():  # non-trivial LayerNorms and biases, as trained weights have
         for m in modules:
             for name, p in m.named_parameters():
-                if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm.weight" in name:
+                if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
                     p.normal_(1.0, 0.2)
                 elif name.endswith("bias"):
                     p.normal_(0.0, 0.1)
@@ -615,7 +716,9 @@ def torch_reference_modules(torch, dims):
 def test_matches_pytorch_reference_modules(tmp_path, dtype):
     """torch.save of PyTorch modules written from the reference (DDP prefixes; float32, or bfloat16 storages)
     -> convert -> our encoder and predictor match the modules' outputs on the same weights."""
-    torch = pytest.importorskip("torch", reason="torch is not installed: the comparison with PyTorch modules is skipped")
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed: the comparison with PyTorch modules is skipped"
+    )
     enc, pred, tgt = torch_reference_modules(torch, MICRO)
     if dtype == "bfloat16":  # the weights as bf16 holds them, for both sides; the fixed tables stay exact
         with torch.no_grad():
@@ -628,8 +731,11 @@ def test_matches_pytorch_reference_modules(tmp_path, dtype):
         cast = lambda k, v: v if k.endswith("pos_embed") else v.to(getattr(torch, dtype))  # noqa: E731
         return collections.OrderedDict((f"module.{k}", cast(k, v)) for k, v in m.state_dict().items())
 
-    torch.save({"encoder": state(enc), "predictor": state(pred), "target_encoder": state(tgt), "epoch": 3}, tmp_path / "ref.pth.tar")
-    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=small_config())
+    torch.save(
+        {"encoder": state(enc), "predictor": state(pred), "target_encoder": state(tgt), "epoch": 3},
+        tmp_path / "ref.pth.tar",
+    )
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=micro_config())
     _, saved, _ = restore_state(str(tmp_path / "run"))
 
     images, ctx, tgt_idx = problem(MICRO)
@@ -637,15 +743,20 @@ def test_matches_pytorch_reference_modules(tmp_path, dtype):
     with torch.no_grad():
         want_target = tgt(x).numpy()
         z = enc(x, torch.from_numpy(ctx.astype(np.int64)))
-        want_pred = pred(z, torch.from_numpy(ctx.astype(np.int64)), torch.from_numpy(tgt_idx[:, 0].astype(np.int64))).numpy()
-    d, depth, heads, hidden, patch, grid, width, pred_depth = MICRO
+        want_pred = pred(
+            z, torch.from_numpy(ctx.astype(np.int64)), torch.from_numpy(tgt_idx[:, 0].astype(np.int64))
+        ).numpy()
+    d, depth, heads, _, patch, grid, width, pred_depth = MICRO
     ours_target = vit.Encoder(patch, d, depth, heads).apply({"params": saved["target_params"]}, images)
     ours_z = vit.Encoder(patch, d, depth, heads).apply({"params": saved["params"]["encoder"]}, images, ctx)
     ones = lambda a: np.ones(a.shape, bool)  # noqa: E731
     ours_pred = vit.Predictor(grid, grid, width, pred_depth, heads).apply(
         {"params": saved["params"]["predictor"]}, ours_z, ctx, ones(ctx), tgt_idx[:, :1], ones(tgt_idx[:, :1])
     )[:, 0]
-    gaps = float(np.abs(np.asarray(ours_target) - want_target).max()), float(np.abs(np.asarray(ours_pred) - want_pred).max())
+    gaps = (
+        float(np.abs(np.asarray(ours_target) - want_target).max()),
+        float(np.abs(np.asarray(ours_pred) - want_pred).max()),
+    )
     GAPS.update({f"torch {dtype} target": gaps[0], f"torch {dtype} predictor": gaps[1]})
     assert max(gaps) <= ATOL, gaps
 
@@ -654,7 +765,15 @@ def test_our_torch_writer_is_what_torch_load_reads(tmp_path):
     """The test-only writer above writes real torch files (so the torch-free tests test the real format)."""
     torch = pytest.importorskip("torch", reason="torch is not installed: the writer is checked only against our reader")
     base = np.arange(30, dtype=np.float32).reshape(5, 6)
-    save_torch({"w": ddp({"a": base}), "t": _Strided(base, 0, (6, 5), (1, 6)), "b": np.ones(3, ml_dtypes.bfloat16), "epoch": 2}, tmp_path / "x.pt")
+    save_torch(
+        {
+            "w": ddp({"a": base}),
+            "t": _Strided(base, 0, (6, 5), (1, 6)),
+            "b": np.ones(3, ml_dtypes.bfloat16),
+            "epoch": 2,
+        },
+        tmp_path / "x.pt",
+    )
     got = torch.load(tmp_path / "x.pt", weights_only=True)
     np.testing.assert_array_equal(got["w"]["module.a"].numpy(), base)
     np.testing.assert_array_equal(got["t"].numpy(), base.T)
