@@ -223,6 +223,9 @@ def export_target_encoder(target_params, config, path: str) -> str:
             "name": config.model.name,
             "patch_size": config.model.patch_size,
             "crop_size": config.data.crop_size,
+            # Images go in as (uint8 / 255 - mean) / std, per RGB channel: what the encoder was trained on.
+            "mean": [float(v) for v in config.data.mean],
+            "std": [float(v) for v in config.data.std],
         },
         "params": params,
     }

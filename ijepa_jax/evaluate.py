@@ -39,6 +39,7 @@ class EncoderUnderTest:
     params: object
     patch_size: int
     crop_size: int
+    normalization: tuple | None = None  # (mean, std) the encoder was trained with; None: config.data's
 
 
 def from_workdir(workdir: str, step: int | None = None) -> EncoderUnderTest:
@@ -50,7 +51,8 @@ def from_workdir(workdir: str, step: int | None = None) -> EncoderUnderTest:
 def from_export(path: str) -> EncoderUnderTest:
     encoder, params, info = checkpoint.load_encoder(path)
     tag = "export_" + features_lib.cache_key(path=os.path.abspath(path), mtime=os.path.getmtime(path))
-    return EncoderUnderTest(tag, encoder, params, info["patch_size"], info["crop_size"])
+    normalization = (tuple(info["mean"]), tuple(info["std"])) if "mean" in info else None
+    return EncoderUnderTest(tag, encoder, params, info["patch_size"], info["crop_size"], normalization)
 
 
 def random_init(like: EncoderUnderTest, seed: int) -> EncoderUnderTest:
@@ -84,12 +86,18 @@ def image_size_for(config, enc: EncoderUnderTest) -> int:
     return size
 
 
+def normalization_of(config, enc: EncoderUnderTest) -> tuple:
+    """The (mean, std) images are normalised with: the exported encoder's own, else the config's."""
+    return enc.normalization or (tuple(config.data.mean), tuple(config.data.std))
+
+
 def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: str | None, mesh, extractor=None):
     """(features (N, 4, D), labels, from_cache) of one split, computed once and cached."""
     size = image_size_for(config, enc)
     batch = config.eval.batch_size
     batch += (-batch) % jax.device_count()
-    extractor = extractor or features_lib.make_extractor(enc.encoder, config.data.mean, config.data.std, mesh)
+    mean, std = normalization_of(config, enc)
+    extractor = extractor or features_lib.make_extractor(enc.encoder, mean, std, mesh)
     compute = lambda: features_lib.extract_features(  # noqa: E731
         extractor, enc.params, source, size, batch, mesh, name=f"{enc.tag} {split}"
     )
@@ -98,7 +106,8 @@ def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: st
     d = config.data
     key = features_lib.cache_key(
         source=d.source, root=d.root, tfds=d.tfds_name, classes=d.classes, split=split, size=size,
-        n=len(source), mean=list(d.mean), std=list(d.std), seed=config.seed,
+        n=len(source), mean=list(mean), std=list(std), seed=config.seed,
+        encoder=features_lib.params_digest(enc.params),  # the tag alone cannot tell two runs' step N apart
     )
     return features_lib.cached(os.path.join(cache_dir, f"{enc.tag}_{split}_{key}.npz"), compute)
 
@@ -140,7 +149,7 @@ def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -
     train_src, test_src = eval_sources(config)
     cache_dir = os.path.join(out_dir, "feature_cache")
     t = time.time()
-    extractor = features_lib.make_extractor(enc.encoder, config.data.mean, config.data.std, mesh)
+    extractor = features_lib.make_extractor(enc.encoder, *normalization_of(config, enc), mesh)
     enc = dataclasses.replace(enc, params=jax.device_put(enc.params, sharding.replicated(mesh)))
     train_f, train_y, hit_a = features_of(config, enc, train_src, config.eval.train_split, cache_dir, mesh, extractor)
     test_f, test_y, hit_b = features_of(config, enc, test_src, config.eval.test_split, cache_dir, mesh, extractor)

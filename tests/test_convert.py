@@ -778,3 +778,34 @@ def test_our_torch_writer_is_what_torch_load_reads(tmp_path):
     np.testing.assert_array_equal(got["w"]["module.a"].numpy(), base)
     np.testing.assert_array_equal(got["t"].numpy(), base.T)
     assert got["b"].dtype == torch.bfloat16 and got["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- using converted weights
+
+
+def test_a_converted_encoder_runs_at_another_resolution_with_sincos_positions_of_that_grid(tmp_path):
+    """Positions are fixed sin-cos tables computed for the input's grid, so a 16px encoder applies to
+    32px images (grid 8x8): it equals the numpy reference with the 8x8 sin-cos table in place of the
+    stored 4x4 one. (The reference code would instead interpolate its stored table bicubically.)"""
+    ckpt = reference_checkpoint(MICRO)
+    save_torch(ckpt, tmp_path / "ref.pth.tar")
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=micro_config())
+    params, _, _ = checkpoint.restore_target_encoder(str(tmp_path / "converted"))
+    images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    sd = plain(ckpt["target_encoder"])
+    sd["pos_embed"] = numpy_ijepa.sincos_table(MICRO[0], 8, 8)[None]
+    gap, ours = encoder_gap(params, sd, MICRO, images)
+    assert ours.shape == (2, 64, MICRO[0]) and gap <= ATOL
+
+
+def test_a_converted_checkpoint_is_evaluated(tmp_path):
+    """`evaluate` on the converted workdir: k-NN and a probe run on its target encoder's features."""
+    from ijepa_jax import evaluate
+
+    save_torch(reference_checkpoint(MICRO), tmp_path / "ref.pth.tar")
+    convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=micro_config())
+    config = micro_config(**{"data.synthetic_images": 60, "eval.probe_epochs": 2, "eval.probe_batch_size": 16})
+    enc = evaluate.from_workdir(str(tmp_path / "converted"))
+    results = evaluate.evaluate(config, enc, str(tmp_path / "eval"), protocols=("knn", "linear"))
+    assert 0 <= results["knn"]["top1"] <= 1 and set(results["linear"]) == {"last", "last_bn", "last4", "last4_bn"}
+    assert results["features"]["train_images"] == 60

@@ -41,6 +41,35 @@ def test_every_protocol_runs_and_features_are_reused(run, tmp_path, monkeypatch)
     assert again["features"]["from_cache"] and again["knn"]["top1"] == first["knn"]["top1"]
 
 
+def test_the_feature_cache_tells_encoders_with_the_same_tag_apart(run, tmp_path):
+    """Two runs evaluated into one --out at the same step share a tag ('step4'), not their features."""
+    import dataclasses
+
+    import jax
+
+    config = small_config(**EVAL)
+    enc = evaluate.from_workdir(run)
+    other = dataclasses.replace(enc, params=jax.tree.map(lambda x: x * 1.01, enc.params))
+    assert other.tag == enc.tag
+    first = evaluate.evaluate(config, enc, str(tmp_path), protocols=("knn",))
+    second = evaluate.evaluate(config, other, str(tmp_path), protocols=("knn",))
+    assert not first["features"]["from_cache"] and not second["features"]["from_cache"]
+    assert evaluate.evaluate(config, enc, str(tmp_path), protocols=("knn",))["features"]["from_cache"]
+
+
+def test_an_exported_encoder_brings_its_normalisation(run, tmp_path):
+    """The export records mean/std; evaluating it uses them, whatever --config's data section says."""
+    from ijepa_jax import checkpoint
+
+    path = checkpoint.export_from_workdir(run, str(tmp_path / "enc.msgpack"))
+    _, _, info = checkpoint.load_encoder(path)
+    config = small_config(**EVAL)
+    assert info["mean"] == list(config.data.mean) and info["std"] == list(config.data.std)
+    enc = evaluate.from_export(path)
+    odd = small_config(**{**EVAL, "data.mean": (0.0, 0.0, 0.0), "data.std": (1.0, 1.0, 1.0)})
+    assert evaluate.normalization_of(odd, enc) == (tuple(info["mean"]), tuple(info["std"]))
+
+
 def test_the_random_baseline_has_the_same_architecture_and_other_features(run, tmp_path):
     config = small_config(**EVAL)
     enc = evaluate.from_workdir(run)

@@ -97,6 +97,17 @@ def cache_key(**parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def params_digest(params) -> str:
+    """The identity of an encoder: a hash of every parameter's path, shape, dtype and bytes (about a
+    second per GB), so two encoders share cached features only if they are the same weights."""
+    digest = hashlib.sha1()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda pl: jax.tree_util.keystr(pl[0])):
+        value = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.shape}:{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def cached(path: str, compute) -> tuple:
     """Load (features, labels) from `path`, or compute and save them (atomically). Returns (f, y, hit)."""
     if files.path(path).exists():
