@@ -39,6 +39,7 @@ class Models:
     mean: tuple
     std: tuple
     loss: str = "smooth_l1"
+    var_cov_weight: float = 0.0  # > 0: the anti-collapse term (not in the reference; see var_cov_penalty)
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -49,6 +50,7 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         mean=tuple(config.data.mean),
         std=tuple(config.data.std),
         loss=config.optim.loss,
+        var_cov_weight=config.optim.var_cov_weight,
     )
 
 
@@ -85,11 +87,15 @@ def gather_targets(h: jax.Array, target_idx: jax.Array) -> jax.Array:
     return vit.gather_tokens(h, target_idx.reshape(b, m * t)).reshape(b, m, t, -1)
 
 
-def predict(params, images, batch, models: Models) -> jax.Array:
-    """The online encoder on each image's context, then the predictor: (B, M, T, D) predictions."""
-    z = models.encoder.apply(
-        {"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"]
-    )
+def encode_context(params, images, batch, models: Models) -> jax.Array:
+    """The online encoder on each image's context tokens: (B, K, D)."""
+    return models.encoder.apply({"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"])
+
+
+def predict(params, images, batch, models: Models, z=None) -> jax.Array:
+    """The online encoder on each image's context (or its output `z`), then the predictor:
+    (B, M, T, D) predictions."""
+    z = encode_context(params, images, batch, models) if z is None else z
     return models.predictor.apply(
         {"params": params["predictor"]},
         z,
@@ -108,7 +114,8 @@ def loss_fn(params, target_params, batch, models: Models):
     h = jax.nn.standardize(h.astype(jnp.float32), axis=-1, epsilon=1e-5)
     targets = jax.lax.stop_gradient(gather_targets(h, batch["target_idx"]))
 
-    pred = predict(params, images, batch, models).astype(jnp.float32)
+    z = encode_context(params, images, batch, models)
+    pred = predict(params, images, batch, models, z).astype(jnp.float32)
 
     if models.loss == "smooth_l1":
         per_elem = optax.huber_loss(pred, targets, delta=1.0)  # == smooth L1 with beta 1
@@ -117,7 +124,25 @@ def loss_fn(params, target_params, batch, models: Models):
     valid = batch["target_valid"].astype(jnp.float32)
     per_token = per_elem.mean(-1)
     loss = (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    if models.var_cov_weight > 0:
+        loss = loss + models.var_cov_weight * var_cov_penalty(z.astype(jnp.float32), batch["context_valid"])
     return loss
+
+
+def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """VICReg's variance and covariance terms (Bardes et al., 2022) on the online encoder's context
+    features mean-pooled per image, (B, K, D) -> scalar: mean over dims of relu(1 - std) across the
+    batch, plus the squared off-diagonal covariances / D at VICReg's 1:25 ratio to the variance term.
+    Not part of I-JEPA: an optional guard against the encoder collapsing (`optim.var_cov_weight`)."""
+    w = valid.astype(jnp.float32)[..., None]
+    pooled = (z * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    centred = pooled - pooled.mean(0)
+    n, d = pooled.shape
+    std = jnp.sqrt(centred.var(0) * n / max(n - 1, 1) + 1e-4)
+    variance = jax.nn.relu(1.0 - std).mean()
+    cov = centred.T @ centred / max(n - 1, 1)
+    covariance = (jnp.sum(cov**2) - jnp.sum(jnp.diag(cov) ** 2)) / d
+    return variance + covariance / 25.0
 
 
 def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules: optim.Schedules):

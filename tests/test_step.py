@@ -236,3 +236,43 @@ def test_loss_falls_on_synthetic_data():
     losses = np.asarray(jax.device_get(losses))
     assert np.isfinite(losses).all()
     assert losses[-5:].mean() < 0.6 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------
+# the optional anti-collapse term (optim.var_cov_weight; off in the reference)
+
+
+def numpy_var_cov(z, valid):
+    """VICReg's variance + covariance/25 on per-image mean-pooled valid tokens, in float64."""
+    z, w = np.asarray(z, np.float64), np.asarray(valid, np.float64)[..., None]
+    pooled = (z * w).sum(1) / w.sum(1)
+    n, d = pooled.shape
+    c = pooled - pooled.mean(0)
+    std = np.sqrt(c.var(0, ddof=1) + 1e-4)
+    cov = c.T @ c / (n - 1)
+    off = cov - np.diag(np.diag(cov))
+    return np.maximum(0, 1 - std).mean() + (off**2).sum() / d / 25
+
+
+def test_var_cov_penalty_matches_numpy_and_flags_collapse():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 5, 8)).astype(np.float32) * 0.3
+    valid = rng.random((6, 5)) > 0.3
+    valid[:, 0] = True
+    np.testing.assert_allclose(float(step_lib.var_cov_penalty(jnp.asarray(z), jnp.asarray(valid))),
+                               numpy_var_cov(z, valid), rtol=1e-5)
+    collapsed = np.ones((6, 5, 8), np.float32)  # every image the same feature: std 0 in every dim
+    assert float(step_lib.var_cov_penalty(jnp.asarray(collapsed), jnp.asarray(valid))) == pytest.approx(0.99, abs=1e-6)
+
+
+def test_var_cov_weight_adds_the_penalty_and_zero_leaves_the_reference_loss():
+    exp = train.build(small_config())
+    state = exp.init()
+    with train.train_batches(exp) as batches:
+        batch = next(batches)
+    base = float(step_lib.loss_fn(state.params, state.target_params, batch, exp.models))
+    weighted = dataclasses.replace(exp.models, var_cov_weight=0.5)
+    images = step_lib.normalize(batch["images"], exp.models.mean, exp.models.std)
+    z = step_lib.encode_context(state.params, images, batch, exp.models)
+    expected = base + 0.5 * numpy_var_cov(np.asarray(z), np.asarray(batch["context_valid"]))
+    assert float(step_lib.loss_fn(state.params, state.target_params, batch, weighted)) == pytest.approx(expected, rel=1e-5)
