@@ -5,12 +5,20 @@
 
 Runs the real pretraining pipeline (read, decode, crop, masks, batch) on
 this host, without devices, and prints one JSON line per measurement.
+
+ImageNet-sized JPEGs from a small folder (what the README's rows used):
+
+    python -m ijepa_jax.tools.input_benchmark --make_folder_from /tmp/tiny-imagenet-100cls \
+        --make_folder_to /tmp/imagenet_sized --config configs/in1k_vith14.py
+    python -m ijepa_jax.tools.input_benchmark --config configs/in1k_vith14.py \
+        --config.data.root=/tmp/imagenet_sized --config.data.batch_size=128 --workers=0,1,2
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 
 import numpy as np
@@ -46,8 +54,33 @@ def sampler_rate(spec: masks.MaskSpec, batch_size: int, num_batches: int) -> flo
     return num_batches * batch_size / (time.perf_counter() - t)
 
 
+def make_imagenet_sized_folder(src: str, dst: str, per_class: int = 20, size=(500, 375), quality: int = 90) -> int:
+    """Copies `per_class` images of each class of an ImageNet-layout folder (train/<class>/*) into
+    dst/train/<class>/, upscaled to `size` (ImageNet's typical 500x375) as JPEG `quality`: files as
+    large as ImageNet's (about 110 KB). Returns the number of images written."""
+    from PIL import Image
+
+    written = 0
+    train = os.path.join(src, "train")
+    for name in sorted(os.listdir(train)):
+        out = os.path.join(dst, "train", name)
+        os.makedirs(out, exist_ok=True)
+        files = sorted(f for f in os.listdir(os.path.join(train, name)) if not f.startswith("."))[:per_class]
+        for f in files:
+            with Image.open(os.path.join(train, name, f)) as im:
+                im.convert("RGB").resize(size, Image.BICUBIC).save(
+                    os.path.join(out, os.path.splitext(f)[0] + ".JPEG"), quality=quality
+                )
+            written += 1
+    return written
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.make_folder_from:
+        n = make_imagenet_sized_folder(FLAGS.make_folder_from, FLAGS.make_folder_to)
+        print(json.dumps({"made_folder": FLAGS.make_folder_to, "images": n}), flush=True)
+        return
     config = FLAGS.config
     spec = masks.resolve_spec(config)
     source = sources.make_source(config.data, seed=config.seed)
@@ -68,5 +101,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workers", "0,1,2", "Comma-separated grain worker counts to measure.")
     flags.DEFINE_integer("batches", 20, "Batches timed per worker count.")
     flags.DEFINE_integer("mask_batches", 200, "Batches timed for the mask sampler.")
+    flags.DEFINE_string("make_folder_from", "", "Instead of measuring: an ImageNet-layout folder to upscale from.")
+    flags.DEFINE_string("make_folder_to", "/tmp/imagenet_sized", "Where --make_folder_from writes.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
