@@ -180,7 +180,8 @@ def test_exported_target_encoder_loads_back_and_matches_the_checkpoint(tmp_path)
     config = small_config(total_steps=2, **{"model.scan_layers": True})
     train.train(config, str(tmp_path))
     encoder, params, info = checkpoint.load_encoder(str(tmp_path / "target_encoder.msgpack"))
-    assert info == {"name": "vit_micro", "patch_size": 4, "crop_size": 16}
+    assert info == {"name": "vit_micro", "patch_size": 4, "crop_size": 16, "mean": list(config.data.mean),
+                    "std": list(config.data.std)}
     assert "blocks_0" in params["stack"] and "blocks" not in params["stack"]
     exp = train.build(config)
     _, state = latest_state(str(tmp_path), config)
