@@ -475,7 +475,8 @@ def test_huggingface_safetensors_export_matches_the_numpy_reference(tmp_path, si
     summary = convert.convert(str(folder), export=str(tmp_path / "enc.msgpack"))
     assert summary["format"] == "huggingface" and summary["arch"]["pred_depth"] is None
     _, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
-    assert info == {"name": "vit_huge_2blocks", "patch_size": 14, "crop_size": 224}
+    assert info == {"name": "vit_huge_2blocks", "patch_size": 14, "crop_size": 224,
+                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as the reference
     images, _, _ = problem(HUGE14, batch=1)
     gap, _ = encoder_gap(params, sd, HUGE14, images)
     GAPS["vit_huge_2blocks huggingface"] = gap
