@@ -26,7 +26,7 @@ import pytest
 
 import numpy_ijepa
 from conftest import small_config
-from ijepa_jax import checkpoint, convert, train
+from ijepa_jax import checkpoint, convert, train, weight_files
 from ijepa_jax.models import vit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,7 +346,7 @@ def test_torch_reader_reads_every_dtype_views_and_skips_unknown_objects(tmp_path
         "other": _Call(_Global("somepackage.module", "Thing"), (1, 2)),  # an object the reader must not build
     }
     save_torch(obj, tmp_path / "x.pt")
-    got = convert.TorchFile(str(tmp_path / "x.pt")).load()
+    got = weight_files.TorchFile(str(tmp_path / "x.pt")).load()
     np.testing.assert_array_equal(np.asarray(got["a"]), obj["a"])
     np.testing.assert_array_equal(np.asarray(got["h"]), obj["h"])
     assert np.asarray(got["b"]).dtype == ml_dtypes.bfloat16
@@ -354,7 +354,7 @@ def test_torch_reader_reads_every_dtype_views_and_skips_unknown_objects(tmp_path
     np.testing.assert_array_equal(np.asarray(got["t"]), base.T)
     np.testing.assert_array_equal(np.asarray(got["s"]), base[1:3, 2:5])
     np.testing.assert_array_equal(np.asarray(got["n"]), obj["n"])
-    assert got["epoch"] == 7 and isinstance(got["other"], convert._Opaque)
+    assert got["epoch"] == 7 and isinstance(got["other"], weight_files._Opaque)
     assert got["other"].origin == "somepackage.module.Thing" and got["other"].args == (1, 2)
 
 
@@ -365,7 +365,7 @@ def test_safetensors_reader(tmp_path):
         "b": np.arange(3).astype(ml_dtypes.bfloat16),
     }
     save_safetensors(tensors, tmp_path / "m.safetensors")
-    got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
+    got = weight_files.read_safetensors(str(tmp_path / "m.safetensors"))
     assert sorted(got) == sorted(tensors)
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype
@@ -378,7 +378,7 @@ def test_safetensors_reader_reads_files_of_the_safetensors_package(tmp_path):
     )
     tensors = {"x": np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32), "y": np.ones(2, np.float16)}
     st.save_file(tensors, str(tmp_path / "m.safetensors"))
-    got = convert.read_safetensors(str(tmp_path / "m.safetensors"))
+    got = weight_files.read_safetensors(str(tmp_path / "m.safetensors"))
     for k, v in tensors.items():
         np.testing.assert_array_equal(got[k], v)
 
