@@ -115,3 +115,23 @@ def test_one_train_step_agrees_on_every_mesh_shape():
         # Adam's first step is about lr * sign(g): compare to 0.1 % of one step (see test_step.py).
         for x, y in zip(jax.tree.leaves((params, target)), jax.tree.leaves(results[0][1:])):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-3 * lr)
+
+
+def test_init_from_restores_weights_onto_another_fsdp_mesh(tmp_path):
+    """A run's weights saved FSDP-sharded 8 ways start a run sharded 4 ways (x 2 data): the same values,
+    laid out by the new mesh's rules."""
+    tiny = {"model.name": "vit_tiny", "model.patch_size": 8, "data.crop_size": 32, "model.pred_width": 48,
+            "data.batch_size": 16, "data.synthetic_images": 32, "optim.epochs": 1, "optim.warmup_epochs": 0}
+    source = str(tmp_path / "source")
+    train.train(small_config(total_steps=1, **{**tiny, "mesh.data": 1, "mesh.fsdp": 8}), source)
+    exp = train.build(small_config(total_steps=1, **{**tiny, "mesh.data": 2, "mesh.fsdp": 4,
+                                                     "checkpoint.init_from": source}))
+    from ijepa_jax import checkpoint
+
+    manager = checkpoint.make_manager(str(tmp_path / "new"), exp.config.checkpoint, exp.steps_per_epoch)
+    state = train.initial_state(exp, manager, str(tmp_path / "new"))
+    saved, _, _ = checkpoint.restore_target_encoder(source)
+    qkv = state.target_params["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.sharding.spec == P(None, sharding.FSDP_AXIS) and qkv.sharding.mesh.shape[sharding.FSDP_AXIS] == 4
+    np.testing.assert_array_equal(np.asarray(qkv), np.asarray(saved["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]))
+    assert int(state.step) == 0
