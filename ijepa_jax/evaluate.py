@@ -13,6 +13,7 @@ TensorBoard scalars to OUT/tensorboard, OUT being WORKDIR/eval by default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -40,6 +41,11 @@ class EncoderUnderTest:
     patch_size: int
     crop_size: int
     normalization: tuple | None = None  # (mean, std) the encoder was trained with; None: config.data's
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The weights' identity (features_lib.params_digest), hashed once per encoder."""
+        return features_lib.params_digest(self.params)
 
 
 def from_workdir(workdir: str, step: int | None = None) -> EncoderUnderTest:
@@ -107,7 +113,7 @@ def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: st
     key = features_lib.cache_key(
         source=d.source, root=d.root, tfds=d.tfds_name, classes=d.classes, split=split, size=size,
         n=len(source), mean=list(mean), std=list(std), seed=config.seed,
-        encoder=features_lib.params_digest(enc.params),  # the tag alone cannot tell two runs' step N apart
+        encoder=enc.digest,  # the tag alone cannot tell two runs' step N apart
     )
     return features_lib.cached(os.path.join(cache_dir, f"{enc.tag}_{split}_{key}.npz"), compute)
 

@@ -40,7 +40,8 @@ def route_library_logs(workdir: str, show_info: bool) -> str | None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
     logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(min(logging.getLogger().level or logging.INFO, logging.INFO))
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
     return str(path)
 
 
@@ -62,7 +63,8 @@ class MetricsWriter:
         self.total_steps = total_steps
         self._start = time.time()
         self._first_step = None
-        self._jsonl = None  # a local file open for appending, or the records of a remote one
+        self._jsonl = None  # metrics.jsonl open for appending (local work dirs)
+        self._remote_lines = None  # or its lines, uploaded whole after each record (object stores)
         self._tb = None
         self._queue = queue.Queue()
         self._error = None
@@ -71,7 +73,10 @@ class MetricsWriter:
             self.path = files.path(workdir) / "metrics.jsonl"
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = _drop_records_after(self.path, resume_step)
-            self._jsonl = kept if files.is_remote(self.path) else self.path.open("a")
+            if files.is_remote(self.path):
+                self._remote_lines = kept
+            else:
+                self._jsonl = self.path.open("a")
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
             self._tb = SummaryWriter(str(files.path(workdir) / "tensorboard"))
@@ -124,9 +129,9 @@ class MetricsWriter:
     def _append(self, record: dict | None, tb_prefix: str, line: str) -> None:
         if record is not None:
             line_json = json.dumps(record) + "\n"
-            if isinstance(self._jsonl, list):
-                self._jsonl.append(line_json)
-                files.write_text(self.path, "".join(self._jsonl))
+            if self._remote_lines is not None:
+                self._remote_lines.append(line_json)
+                files.write_text(self.path, "".join(self._remote_lines))
             else:
                 self._jsonl.write(line_json)
                 self._jsonl.flush()
@@ -168,9 +173,9 @@ class MetricsWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._jsonl is not None and not isinstance(self._jsonl, list):
+        if self._jsonl is not None:
             self._jsonl.close()
-        self._jsonl = None
+            self._jsonl = None
         if self._tb:
             self._tb.close()
             self._tb = None

@@ -92,10 +92,13 @@ def encode_context(params, images, batch, models: Models) -> jax.Array:
     return models.encoder.apply({"params": params["encoder"]}, images, batch["context_idx"], batch["context_valid"])
 
 
-def predict(params, images, batch, models: Models, z=None) -> jax.Array:
-    """The online encoder on each image's context (or its output `z`), then the predictor:
-    (B, M, T, D) predictions."""
-    z = encode_context(params, images, batch, models) if z is None else z
+def predict(params, images, batch, models: Models) -> jax.Array:
+    """The online encoder on each image's context, then the predictor: (B, M, T, D) predictions."""
+    return predict_from_context(params, encode_context(params, images, batch, models), batch, models)
+
+
+def predict_from_context(params, z, batch, models: Models) -> jax.Array:
+    """The predictor on context features `z` (B, K, D): (B, M, T, D) predictions."""
     return models.predictor.apply(
         {"params": params["predictor"]},
         z,
@@ -115,7 +118,7 @@ def loss_fn(params, target_params, batch, models: Models):
     targets = jax.lax.stop_gradient(gather_targets(h, batch["target_idx"]))
 
     z = encode_context(params, images, batch, models)
-    pred = predict(params, images, batch, models, z).astype(jnp.float32)
+    pred = predict_from_context(params, z, batch, models).astype(jnp.float32)
 
     if models.loss == "smooth_l1":
         per_elem = optax.huber_loss(pred, targets, delta=1.0)  # == smooth L1 with beta 1

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
+from ijepa_jax import files
 from ijepa_jax.data.transforms import BadImageError, decode_image
 
 _LABEL_CHUNK = 4096  # records per batched read when collecting labels
@@ -135,7 +136,7 @@ class TfdsSource:
 def _load_labels(path: str, num_records: int) -> np.ndarray | None:
     """Cached labels, or None if absent, unreadable or of another record count (then read afresh)."""
     try:
-        with epath.Path(path).open("rb") as f:
+        with files.path(path).open("rb") as f:
             labels = np.load(f)
     except Exception:  # absent, or a partial or foreign file: reading the records again is always safe
         return None
@@ -143,14 +144,11 @@ def _load_labels(path: str, num_records: int) -> np.ndarray | None:
 
 
 def _save_labels(path: str, labels: np.ndarray) -> bool:
-    """Writes atomically (temporary file, then rename); False where the folder is not writable."""
-    target = epath.Path(path)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    """Writes whole (files.write_bytes); False where the folder is not writable."""
+    buffer = io.BytesIO()
+    np.save(buffer, labels)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("wb") as f:
-            np.save(f, labels)
-        tmp.replace(target)
+        files.write_bytes(path, buffer.getvalue())
         return True
     except Exception as e:  # read-only or remote without write access: try the next place
         logging.info("could not cache labels at %s: %s", path, e)
