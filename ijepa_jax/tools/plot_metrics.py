@@ -1,6 +1,11 @@
 """Plot a run's metrics.jsonl to one PNG: loss, schedules, throughput, health diagnostics and evaluation curves.
 
     python -m ijepa_jax.tools.plot_metrics --workdir runs/c100 [--out runs/c100/metrics.png]
+
+With several --workdir flags, one PNG compares the runs: a line per run (named by its folder) in
+each panel of COMPARE_KEYS that any run logged.
+
+    python -m ijepa_jax.tools.plot_metrics --workdir runs/a --workdir runs/b --out compare.png
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ HEALTH_PANELS = (
                                          "health/target_rank_tokens", "health/target_rank_tokens_centered"), True),
     ("feature std", ("health/target_std", "health/pred_std", "health/pooled_std"), True),
     ("cosine between images (pooled)", ("health/target_cosine",), False),
+)
+
+# The quantities a recipe comparison is read from, when logged: (key, title, log y).
+COMPARE_KEYS = (
+    ("loss", "loss", True), ("eval/knn_k20", "k-NN monitor top-1 (k=20)", False),
+    ("eval/linear_last4_bn", "linear monitor top-1", False),
+    ("health/target_rank_pooled_centered", "effective rank, pooled target features (centred)", True),
+    ("health/target_rank_tokens_centered", "effective rank, target tokens (centred)", True),
+    ("health/target_cosine", "cosine between images (pooled)", False),
+    ("lr", "learning rate", False), ("momentum", "EMA momentum", False),
 )
 
 
@@ -71,14 +86,53 @@ def plot(records: list[dict], out: str) -> str:
     return out
 
 
+def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
+    """One panel per COMPARE_KEYS entry that some run logged, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, title, log) for k, title, log in COMPARE_KEYS if any(k in r for recs in runs.values() for r in recs)]
+    if not panels:
+        raise ValueError(f"None of {[k for k, _, _ in COMPARE_KEYS]} is in the runs' metrics.")
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, title, log_y) in zip(axes.flat, panels):
+        sparse = key.startswith(("eval/", "health/"))
+        for i, (name, records) in enumerate(runs.items()):
+            if any(key in r for r in records):  # colour by run, so a run keeps its colour in every panel
+                ax.plot(*series(records, key), marker="." if sparse else None, label=name, color=f"C{i}")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv) -> None:
     del argv
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "metrics.png")
-    print(f"wrote {plot(read_records(FLAGS.workdir), out)}")
+    workdirs = FLAGS.workdir
+    if len(workdirs) == 1:
+        out = FLAGS.out or os.path.join(workdirs[0], "metrics.png")
+        print(f"wrote {plot(read_records(workdirs[0]), out)}")
+        return
+    if not FLAGS.out:
+        raise app.UsageError("Comparing several --workdir runs needs --out FILE.png.")
+    runs = {os.path.basename(os.path.normpath(w)): read_records(w) for w in workdirs}
+    print(f"wrote {plot_comparison(runs, FLAGS.out)}")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A pretraining run's --workdir.")
-    flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/metrics.png).")
+    flags.DEFINE_multi_string("workdir", None, "A pretraining run's --workdir; repeat it to compare runs.")
+    flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/metrics.png; required when comparing).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -37,3 +37,22 @@ def test_plots_health_records_beside_training_records(tmp_path):
 def test_missing_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No metrics.jsonl"):
         plot_metrics.read_records(str(tmp_path))
+
+
+def test_compares_runs_in_shared_panels(tmp_path):
+    """Several runs: one line per run in each panel that any run logged (here loss, k-NN, rank)."""
+    def run(loss_scale, with_rank):
+        recs = [{"step": s, "loss": loss_scale / s} for s in range(1, 11)]
+        recs.append({"step": 10, "eval/knn_k20": loss_scale / 10})
+        if with_rank:
+            recs.append({"step": 10, "health/target_rank_pooled_centered": 9.0})
+        return recs
+
+    out = plot_metrics.plot_comparison({"a": run(1.0, True), "b": run(2.0, False)}, str(tmp_path / "c.png"))
+    width, height = Image.open(out).size
+    assert width > 1000 and height < 400  # 3 panels: one row
+
+
+def test_comparing_runs_without_known_keys_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="None of"):
+        plot_metrics.plot_comparison({"a": [{"step": 1, "other": 1.0}]}, str(tmp_path / "c.png"))
