@@ -144,6 +144,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert checkpoint.read_only_manager(str(tmp_path))[1] == 4
 
 
+@pytest.mark.slow  # the default run reshards in test_checkpoint_saved_on_8x1_resumes_fsdp_sharded_on_2x4
 def test_checkpoint_saved_on_8_devices_resumes_on_2(continuous_run, tmp_path):
     """Restore reshards onto the new mesh: the 2-device continuation matches the 8-device run closely."""
     workdir = str(tmp_path)

@@ -183,6 +183,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     assert checkpoint_steps(workdir) == [4, 6]
 
 
+@pytest.mark.slow  # the other direction (2 -> 1) runs by default
 def test_one_process_checkpoint_resumes_in_two_processes(tmp_path):
     workdir = tmp_path / "one"
     run(workdir, 1, "--config.total_steps=2")

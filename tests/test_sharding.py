@@ -94,29 +94,32 @@ def test_no_settings_start_nothing(monkeypatch):
     assert jax.process_count() == 1
 
 
-def test_one_train_step_agrees_on_every_mesh_shape():
-    """Loss, gradient norm and the updated parameters and EMA target of one train step are the same on
-    8 x 1 (pure data parallel), 4 x 2, 2 x 4 and 1 x 8 (fully sharded) data x fsdp meshes."""
+def one_mesh_step(data: int, fsdp: int):
+    """Metrics, parameters and EMA target after one train step on a data x fsdp mesh, on the host."""
     from test_step import host_batch
 
-    results = []
-    for data, fsdp in ((8, 1), (4, 2), (2, 4), (1, 8)):
-        exp = train.build(small_config(**{"mesh.data": data, "mesh.fsdp": fsdp}))
-        state = exp.init()
-        batch = host_batch(exp.config, exp.spec)
-        new, metrics = exp.train_step(state, batch)
-        kernel = new.params["encoder"]["stack"]["blocks_0"]["mlp"]["fc1"]["kernel"]
-        assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
-        results.append(jax.device_get((metrics, new.params, new.target_params)))
-    lr = float(results[0][0]["lr"])
-    for metrics, params, target in results[1:]:
-        np.testing.assert_allclose(metrics["loss"], results[0][0]["loss"], rtol=1e-5)
-        np.testing.assert_allclose(metrics["grad_norm"], results[0][0]["grad_norm"], rtol=1e-5)
-        # Adam's first step is about lr * sign(g): compare to 0.1 % of one step (see test_step.py).
-        for x, y in zip(jax.tree.leaves((params, target)), jax.tree.leaves(results[0][1:])):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-3 * lr)
+    exp = train.build(small_config(**{"mesh.data": data, "mesh.fsdp": fsdp}))
+    new, metrics = exp.train_step(exp.init(), host_batch(exp.config, exp.spec))
+    kernel = new.params["encoder"]["stack"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
+    return jax.device_get((metrics, new.params, new.target_params))
 
 
+# 1 x 8 (fully sharded) runs by default; the intermediate meshes are long checks (-m slow).
+@pytest.mark.parametrize("data,fsdp", [pytest.param(4, 2, marks=pytest.mark.slow),
+                                       pytest.param(2, 4, marks=pytest.mark.slow), (1, 8)])
+def test_one_train_step_agrees_on_every_mesh_shape(data, fsdp):
+    """Loss, gradient norm and the updated parameters and EMA target of one train step on a data x fsdp
+    mesh are those of 8 x 1 (pure data parallelism)."""
+    (ref_metrics, *ref), (metrics, *sharded) = one_mesh_step(8, 1), one_mesh_step(data, fsdp)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+    # Adam's first step is about lr * sign(g): compare to 0.1 % of one step (see test_step.py).
+    for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-3 * float(ref_metrics["lr"]))
+
+
+@pytest.mark.slow  # default runs cover it in parts: test_checkpoint's 8 x 1 -> 2 x 4 FSDP resume and init_from
 def test_init_from_restores_weights_onto_another_fsdp_mesh(tmp_path):
     """A run's weights saved FSDP-sharded 8 ways start a run sharded 4 ways (x 2 data): the same values,
     laid out by the new mesh's rules."""

@@ -161,7 +161,7 @@ def test_device_totals_keep_the_first_bad_step_and_an_exact_skip_count():
     assert int(acc["first_bad_step"]) == 7 and np.isnan(acc["bad_loss"])  # steps 6..10: the 2nd is step 7
 
 
-@pytest.mark.parametrize("log_every", [1, 4])
+@pytest.mark.parametrize("log_every", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_absurd_learning_rate_stops_the_run(tmp_path, log_every):
     """lr = 1e30: step 1 (initial parameters) is finite; its update makes the weights ~1e30, so the
     LayerNorm variances overflow float32 and step 2's loss is NaN: train() stops with FloatingPointError

@@ -44,6 +44,7 @@ def test_replicated_state_is_the_parameter_count_and_fsdp_divides_it():
     assert sharded["total_gib"] < replicated["total_gib"]
 
 
+@pytest.mark.slow  # a subprocess compiling the real step; the in-process test above runs by default
 def test_command_line_simulates_the_requested_devices_and_mesh():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
