@@ -51,6 +51,20 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _panel_grid(plt, num_panels: int, cols: int = 3):
+    rows = -(-num_panels // cols)
+    return plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+
+
+def _save(plt, fig, axes, num_panels: int, out: str) -> str:
+    for ax in list(axes.flat)[num_panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot(records: list[dict], out: str) -> str:
     import matplotlib
 
@@ -62,9 +76,7 @@ def plot(records: list[dict], out: str) -> str:
     panels = [(title, (key,), key == "loss") for key, title in PANELS if present((key,))]
     panels += [(title, tuple(present(keys)), log) for title, keys, log in HEALTH_PANELS if present(keys)]
     panels += [("evaluation top-1", tuple(eval_keys), False)] if eval_keys else []
-    cols = 3
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(panels))
     for ax, (title, keys, log_y) in zip(axes.flat, panels):
         sparse = keys[0].startswith(("eval/", "health/"))  # written every few hundred steps: mark the points
         for k in keys:
@@ -78,12 +90,7 @@ def plot(records: list[dict], out: str) -> str:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, axes, len(panels), out)
 
 
 def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
@@ -96,9 +103,7 @@ def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
     panels = [(k, title, log) for k, title, log in COMPARE_KEYS if any(k in r for recs in runs.values() for r in recs)]
     if not panels:
         raise ValueError(f"None of {[k for k, _, _ in COMPARE_KEYS]} is in the runs' metrics.")
-    cols = 3
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(panels))
     for ax, (key, title, log_y) in zip(axes.flat, panels):
         sparse = key.startswith(("eval/", "health/"))
         for i, (name, records) in enumerate(runs.items()):
@@ -110,12 +115,7 @@ def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, axes, len(panels), out)
 
 
 def main(argv) -> None:
