@@ -109,7 +109,19 @@ def predict_from_context(params, z, batch, models: Models) -> jax.Array:
     )
 
 
-def loss_fn(params, target_params, batch, models: Models):
+def loss_fn(params, target_params, batch, models: Models) -> jax.Array:
+    """The training objective: I-JEPA's prediction loss, plus `var_cov_weight` x the penalty when set."""
+    return total_loss(loss_terms(params, target_params, batch, models), models)
+
+
+def total_loss(terms: dict, models: Models) -> jax.Array:
+    if "var_cov_penalty" in terms:
+        return terms["prediction_loss"] + models.var_cov_weight * terms["var_cov_penalty"]
+    return terms["prediction_loss"]
+
+
+def loss_terms(params, target_params, batch, models: Models) -> dict:
+    """{'prediction_loss': I-JEPA's loss, and 'var_cov_penalty' when `var_cov_weight` > 0}, unweighted."""
     images = normalize(batch["images"], models.mean, models.std)
     # Targets: the EMA encoder sees the whole image; features are LayerNorm-ed
     # without affine (torch default eps 1e-5) and carry no gradient.
@@ -126,10 +138,10 @@ def loss_fn(params, target_params, batch, models: Models):
         per_elem = optax.squared_error(pred, targets)
     valid = batch["target_valid"].astype(jnp.float32)
     per_token = per_elem.mean(-1)
-    loss = (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    terms = {"prediction_loss": (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
     if models.var_cov_weight > 0:
-        loss = loss + models.var_cov_weight * var_cov_penalty(z.astype(jnp.float32), batch["context_valid"])
-    return loss
+        terms["var_cov_penalty"] = var_cov_penalty(z.astype(jnp.float32), batch["context_valid"])
+    return terms
 
 
 def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
@@ -150,7 +162,11 @@ def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules: optim.Schedules):
     """One optimizer step + EMA update. Pure: (state, batch) -> (state, metrics)."""
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.target_params, batch, models)
+    def objective(params):
+        terms = loss_terms(params, state.target_params, batch, models)
+        return total_loss(terms, models), terms
+
+    (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The momentum is a traced function of the step, so one compiled step
@@ -166,6 +182,8 @@ def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules:
         "context_tokens": batch["context_valid"].sum(-1).mean(dtype=jnp.float32),
         "target_tokens": batch["target_valid"].sum(-1).mean(dtype=jnp.float32),
     }
+    if len(terms) > 1:  # the loss is a sum: log its parts too
+        metrics.update(terms)
     if "skipped" in batch:  # unreadable images the input pipeline replaced
         metrics["skipped_images"] = batch["skipped"].sum()
     new_state = state.replace(

@@ -276,3 +276,10 @@ def test_var_cov_weight_adds_the_penalty_and_zero_leaves_the_reference_loss():
     z = step_lib.encode_context(state.params, images, batch, exp.models)
     expected = base + 0.5 * numpy_var_cov(np.asarray(z), np.asarray(batch["context_valid"]))
     assert float(step_lib.loss_fn(state.params, state.target_params, batch, weighted)) == pytest.approx(expected, rel=1e-5)
+    # The train step logs the sum's parts: I-JEPA's loss (the unweighted one above) and the penalty.
+    _, metrics = train.build(small_config(**{"optim.var_cov_weight": 0.5})).train_step(state, batch)
+    assert float(metrics["prediction_loss"]) == pytest.approx(base, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["var_cov_penalty"]) == pytest.approx((expected - base) / 0.5, rel=1e-4)
+    _, reference_metrics = exp.train_step(exp.init(), batch)  # the step donates its state: a fresh one
+    assert "prediction_loss" not in reference_metrics  # off: one term, logged as 'loss' as before

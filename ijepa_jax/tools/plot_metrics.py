@@ -29,7 +29,8 @@ HEALTH_PANELS = (
 
 # The quantities a recipe comparison is read from, when logged: (key, title, log y).
 COMPARE_KEYS = (
-    ("loss", "loss", True), ("eval/knn_k20", "k-NN monitor top-1 (k=20)", False),
+    ("loss", "loss", True), ("prediction_loss", "I-JEPA's part of the loss (runs with a penalty)", True),
+    ("eval/knn_k20", "k-NN monitor top-1 (k=20)", False),
     ("eval/linear_last4_bn", "linear monitor top-1", False),
     ("health/target_rank_pooled_centered", "effective rank, pooled target features (centred)", True),
     ("health/target_rank_tokens_centered", "effective rank, target tokens (centred)", True),
