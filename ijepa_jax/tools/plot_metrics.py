@@ -52,12 +52,20 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _panel_grid(plt, num_panels: int, cols: int = 3):
+def _panel_grid(num_panels: int, cols: int = 3):
+    """A figure with `num_panels` panels in rows of `cols` (matplotlib without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = -(-num_panels // cols)
     return plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
 
 
-def _save(plt, fig, axes, num_panels: int, out: str) -> str:
+def _save(fig, axes, num_panels: int, out: str) -> str:
+    import matplotlib.pyplot as plt
+
     for ax in list(axes.flat)[num_panels:]:
         ax.axis("off")
     fig.tight_layout()
@@ -67,17 +75,12 @@ def _save(plt, fig, axes, num_panels: int, out: str) -> str:
 
 
 def plot(records: list[dict], out: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
     present = lambda keys: [k for k in keys if any(k in r for r in records)]  # noqa: E731
     panels = [(title, (key,), key == "loss") for key, title in PANELS if present((key,))]
     panels += [(title, tuple(present(keys)), log) for title, keys, log in HEALTH_PANELS if present(keys)]
     panels += [("evaluation top-1", tuple(eval_keys), False)] if eval_keys else []
-    fig, axes = _panel_grid(plt, len(panels))
+    fig, axes = _panel_grid(len(panels))
     for ax, (title, keys, log_y) in zip(axes.flat, panels):
         sparse = keys[0].startswith(("eval/", "health/"))  # written every few hundred steps: mark the points
         for k in keys:
@@ -91,20 +94,15 @@ def plot(records: list[dict], out: str) -> str:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    return _save(plt, fig, axes, len(panels), out)
+    return _save(fig, axes, len(panels), out)
 
 
 def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
     """One panel per COMPARE_KEYS entry that some run logged, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(k, title, log) for k, title, log in COMPARE_KEYS if any(k in r for recs in runs.values() for r in recs)]
     if not panels:
         raise ValueError(f"None of {[k for k, _, _ in COMPARE_KEYS]} is in the runs' metrics.")
-    fig, axes = _panel_grid(plt, len(panels))
+    fig, axes = _panel_grid(len(panels))
     for ax, (key, title, log_y) in zip(axes.flat, panels):
         sparse = key.startswith(("eval/", "health/"))
         for i, (name, records) in enumerate(runs.items()):
@@ -116,7 +114,7 @@ def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(plt, fig, axes, len(panels), out)
+    return _save(fig, axes, len(panels), out)
 
 
 def main(argv) -> None:
