@@ -18,6 +18,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ijepa_jax.data.sources import select_indices
 from ijepa_jax.eval.knn import topk_accuracy
@@ -146,10 +147,19 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, variant: st
     grid = list(itertools.product(settings.lrs, settings.weight_decays))
     sweep = train_and_score(norm(x[fit]), train_y[fit], norm(x[val]), train_y[val], num_classes, grid, settings)
     best = max(sweep, key=lambda r: r["top1"])
+    # A chosen lr at the end of the grid means the best probe may lie beyond it (and
+    # the accuracy understates the features); say so rather than report it silently.
+    at_edge = len(set(settings.lrs)) > 1 and best["lr"] in (min(settings.lrs), max(settings.lrs))
+    if at_edge:
+        logging.warning(
+            "linear probe %s: the chosen lr %g is at the end of eval.probe_lrs=%s, so a better one may lie "
+            "beyond it; extend the sweep (e.g. --config.eval.probe_lrs='(0.1,0.3,1.0,3.0,10.0)').",
+            variant, best["lr"], tuple(settings.lrs),
+        )
     norm = Standardize(x, bn)
     final = train_and_score(norm(x), train_y, norm(xt), test_y, num_classes,
                             [(best["lr"], best["weight_decay"])], settings)[0]
-    return {**final, "val_top1": best["top1"], "sweep": sweep}
+    return {**final, "val_top1": best["top1"], "lr_at_sweep_edge": bool(at_edge), "sweep": sweep}
 
 
 def low_shot(train_f, train_y, test_f, test_y, num_classes: int, per_class: int, seeds: int, variant: str,

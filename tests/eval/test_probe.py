@@ -1,5 +1,7 @@
 """Linear probes on cached features: the sweep, BN without affine, low-shot splits."""
 
+import dataclasses
+
 import numpy as np
 
 from ijepa_jax.eval import probe
@@ -24,6 +26,29 @@ def test_probe_learns_separable_classes_in_every_variant():
         r = probe.linear_probe(train_f, train_y, test_f, test_y, 5, variant, SETTINGS)
         assert r["top1"] > 0.95 and r["top5"] == 1.0, (variant, r)
         assert len(r["sweep"]) == 6 and (r["lr"], r["weight_decay"]) in [(s["lr"], s["weight_decay"]) for s in r["sweep"]]
+
+
+def shared_nuisance(n, seed):
+    """Two classes told apart by x1 - x2 only: a class-mean direction (all a tiny lr learns) gets ~60 %."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x2 = 3 * rng.normal(size=n)
+    features = np.stack([x2 + (2 * y - 1), x2], axis=1)
+    return np.stack([features] * 4, axis=1).astype(np.float32), y.astype(np.int32)
+
+
+def test_a_chosen_lr_at_the_end_of_the_sweep_is_flagged_and_one_inside_is_not():
+    train, test = shared_nuisance(400, seed=0), shared_nuisance(200, seed=1)
+    # 1e-9 stays at the class-mean direction; 1e4 diverges under weight decay: only 0.1 can win.
+    inside = dataclasses.replace(SETTINGS, lrs=(1e-9, 0.1, 1e4), weight_decays=(1e-2,))
+    r = probe.linear_probe(*train, *test, 2, "last_bn", inside)
+    by_lr = {s["lr"]: s["top1"] for s in r["sweep"]}
+    assert by_lr[0.1] > 0.95 > 0.75 > max(by_lr[1e-9], by_lr[1e4]), by_lr
+    assert r["lr"] == 0.1 and not r["lr_at_sweep_edge"]
+    edge = probe.linear_probe(*train, *test, 2, "last_bn", dataclasses.replace(inside, lrs=(1e-9, 0.1)))
+    assert edge["lr"] == 0.1 and edge["lr_at_sweep_edge"]
+    single = dataclasses.replace(inside, lrs=(0.1,))  # no sweep, nothing to extend
+    assert not probe.linear_probe(*train, *test, 2, "last_bn", single)["lr_at_sweep_edge"]
 
 
 def test_batchnorm_without_affine_standardizes_with_train_statistics():
