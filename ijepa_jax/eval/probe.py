@@ -151,15 +151,16 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, variant: st
     # the accuracy understates the features); say so rather than report it silently.
     at_edge = len(set(settings.lrs)) > 1 and best["lr"] in (min(settings.lrs), max(settings.lrs))
     if at_edge:
+        direction = "above" if best["lr"] == max(settings.lrs) else "below"
         logging.warning(
-            "linear probe %s: the chosen lr %g is at the end of eval.probe_lrs=%s, so a better one may lie "
-            "beyond it; extend the sweep (e.g. --config.eval.probe_lrs='(0.1,0.3,1.0,3.0,10.0)').",
-            variant, best["lr"], tuple(settings.lrs),
+            "linear probe %s: the chosen lr %g is the end of eval.probe_lrs=%s, so a better one may lie "
+            "beyond it; add values %s %g to eval.probe_lrs.",
+            variant, best["lr"], tuple(settings.lrs), direction, best["lr"],
         )
     norm = Standardize(x, bn)
     final = train_and_score(norm(x), train_y, norm(xt), test_y, num_classes,
                             [(best["lr"], best["weight_decay"])], settings)[0]
-    return {**final, "val_top1": best["top1"], "lr_at_sweep_edge": bool(at_edge), "sweep": sweep}
+    return {**final, "val_top1": best["top1"], "lr_at_sweep_edge": at_edge, "sweep": sweep}
 
 
 def low_shot(train_f, train_y, test_f, test_y, num_classes: int, per_class: int, seeds: int, variant: str,

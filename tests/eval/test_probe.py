@@ -43,7 +43,7 @@ def test_a_chosen_lr_at_the_end_of_the_sweep_is_flagged_and_one_inside_is_not():
     inside = dataclasses.replace(SETTINGS, lrs=(1e-9, 0.1, 1e4), weight_decays=(1e-2,))
     r = probe.linear_probe(*train, *test, 2, "last_bn", inside)
     by_lr = {s["lr"]: s["top1"] for s in r["sweep"]}
-    assert by_lr[0.1] > 0.95 > 0.75 > max(by_lr[1e-9], by_lr[1e4]), by_lr
+    assert by_lr[0.1] > 0.95 and max(by_lr[1e-9], by_lr[1e4]) < 0.75, by_lr
     assert r["lr"] == 0.1 and not r["lr_at_sweep_edge"]
     edge = probe.linear_probe(*train, *test, 2, "last_bn", dataclasses.replace(inside, lrs=(1e-9, 0.1)))
     assert edge["lr"] == 0.1 and edge["lr_at_sweep_edge"]
