@@ -125,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         loss="smooth_l1",  # 'smooth_l1' (reference code) or 'l2' (paper text)
         var_cov_weight=0.0,  # > 0: add VICReg's variance/covariance terms on the context features (not I-JEPA)
+        sigreg_weight=0.0,  # > 0: add LeJEPA's SIGReg on the context features (not I-JEPA)
     )
     return c
 
@@ -306,8 +307,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"optim.weight_decay={o.weight_decay} and final_weight_decay={o.final_weight_decay} must be >= 0.")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
         raise ValueError(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1), optim.eps={o.eps} > 0.")
-    if o.var_cov_weight < 0:
-        raise ValueError(f"optim.var_cov_weight={o.var_cov_weight} must be >= 0 (0: off, the reference's loss).")
+    for name in ("var_cov_weight", "sigreg_weight"):
+        if o[name] < 0:
+            raise ValueError(f"optim.{name}={o[name]} must be >= 0 (0: off, the reference's loss).")
     if o.ipe_scale <= 0:
         raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
     if config.total_steps == 0 or config.total_steps < -1:

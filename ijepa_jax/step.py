@@ -39,7 +39,8 @@ class Models:
     mean: tuple
     std: tuple
     loss: str = "smooth_l1"
-    var_cov_weight: float = 0.0  # > 0: the anti-collapse term (not in the reference; see var_cov_penalty)
+    var_cov_weight: float = 0.0  # > 0: an anti-collapse term (not in the reference; see var_cov_penalty)
+    sigreg_weight: float = 0.0  # > 0: another one (not in the reference; see sigreg)
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -51,6 +52,7 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         std=tuple(config.data.std),
         loss=config.optim.loss,
         var_cov_weight=config.optim.var_cov_weight,
+        sigreg_weight=config.optim.sigreg_weight,
     )
 
 
@@ -109,19 +111,20 @@ def predict_from_context(params, z, batch, models: Models) -> jax.Array:
     )
 
 
-def loss_fn(params, target_params, batch, models: Models) -> jax.Array:
-    """The training objective: I-JEPA's prediction loss, plus `var_cov_weight` x the penalty when set."""
-    return total_loss(loss_terms(params, target_params, batch, models), models)
+def loss_fn(params, target_params, batch, models: Models, step=0) -> jax.Array:
+    """The training objective: I-JEPA's prediction loss, plus each anti-collapse term x its weight when set."""
+    return total_loss(loss_terms(params, target_params, batch, models, step), models)
 
 
 def total_loss(terms: dict, models: Models) -> jax.Array:
-    if "var_cov_penalty" in terms:
-        return terms["prediction_loss"] + models.var_cov_weight * terms["var_cov_penalty"]
-    return terms["prediction_loss"]
+    weights = {"var_cov_penalty": models.var_cov_weight, "sigreg": models.sigreg_weight}
+    penalties = [weights[k] * v for k, v in terms.items() if k in weights]
+    return terms["prediction_loss"] + sum(penalties) if penalties else terms["prediction_loss"]
 
 
-def loss_terms(params, target_params, batch, models: Models) -> dict:
-    """{'prediction_loss': I-JEPA's loss, and 'var_cov_penalty' when `var_cov_weight` > 0}, unweighted."""
+def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
+    """{'prediction_loss': I-JEPA's loss, plus 'var_cov_penalty' / 'sigreg' when their weights are > 0},
+    unweighted. `step` seeds SIGReg's random directions."""
     images = normalize(batch["images"], models.mean, models.std)
     # Targets: the EMA encoder sees the whole image; features are LayerNorm-ed
     # without affine (torch default eps 1e-5) and carry no gradient.
@@ -141,7 +144,17 @@ def loss_terms(params, target_params, batch, models: Models) -> dict:
     terms = {"prediction_loss": (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
     if models.var_cov_weight > 0:
         terms["var_cov_penalty"] = var_cov_penalty(z.astype(jnp.float32), batch["context_valid"])
+    if models.sigreg_weight > 0:
+        pooled = pool_valid(z.astype(jnp.float32), batch["context_valid"])
+        directions = sigreg_directions(jax.random.fold_in(jax.random.key(0), step), pooled.shape[-1])
+        terms["sigreg"] = sigreg(pooled, directions)
     return terms
+
+
+def pool_valid(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """The mean of each image's valid tokens: (B, K, D), (B, K) -> (B, D)."""
+    w = valid.astype(z.dtype)[..., None]
+    return (z * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
 
 def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
@@ -149,8 +162,7 @@ def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
     features mean-pooled per image, (B, K, D) -> scalar: mean over dims of relu(1 - std) across the
     batch, plus the squared off-diagonal covariances / D at VICReg's 1:25 ratio to the variance term.
     Not part of I-JEPA: an optional guard against the encoder collapsing (`optim.var_cov_weight`)."""
-    w = valid.astype(jnp.float32)[..., None]
-    pooled = (z * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    pooled = pool_valid(z, valid)
     centred = pooled - pooled.mean(0)
     n, d = pooled.shape
     std = jnp.sqrt(centred.var(0) * n / max(n - 1, 1) + 1e-4)
@@ -160,10 +172,39 @@ def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
     return variance + covariance / 25.0
 
 
+# LeJEPA's defaults (Balestriero & LeCun, 2025; its official code, lejepa/univariate/epps_pulley.py):
+# 1024 random directions per step, the Epps-Pulley integral on 17 knots over t in [0, 3].
+SIGREG_SLICES = 1024
+SIGREG_T_MAX = 3.0
+SIGREG_KNOTS = 17
+
+
+def sigreg_directions(key: jax.Array, dim: int, num: int = SIGREG_SLICES) -> jax.Array:
+    """`num` random unit vectors in R^dim, as columns: (dim, num)."""
+    a = jax.random.normal(key, (dim, num), jnp.float32)
+    return a / jnp.linalg.norm(a, axis=0, keepdims=True)
+
+
+def sigreg(x: jax.Array, directions: jax.Array) -> jax.Array:
+    """LeJEPA's SIGReg: how far the batch `x` (N, D) is from an isotropic standard normal, seen along
+    `directions` (D, S). For each projection, the Epps-Pulley statistic
+    N * integral over t of |empirical characteristic function(t) - exp(-t^2/2)|^2 * exp(-t^2/2),
+    by the trapezoid rule on [-t_max, t_max] (the integrand is even: computed on [0, t_max]); then the
+    mean over directions. About 0.1-0.3 for standard-normal features, N-times larger for collapsed ones.
+    Not part of I-JEPA: an optional guard against collapse (`optim.sigreg_weight`)."""
+    t = jnp.linspace(0.0, SIGREG_T_MAX, SIGREG_KNOTS)
+    gauss_cf = jnp.exp(-0.5 * t**2)
+    xt = (x @ directions)[..., None] * t  # (N, S, knots)
+    error = (jnp.cos(xt).mean(0) - gauss_cf) ** 2 + jnp.sin(xt).mean(0) ** 2
+    dt = SIGREG_T_MAX / (SIGREG_KNOTS - 1)
+    trapezoid = jnp.full((SIGREG_KNOTS,), 2 * dt).at[jnp.array([0, -1])].set(dt)  # both halves of [-t, t]
+    return x.shape[0] * (error * gauss_cf * trapezoid).sum(-1).mean()
+
+
 def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules: optim.Schedules):
     """One optimizer step + EMA update. Pure: (state, batch) -> (state, metrics)."""
     def objective(params):
-        terms = loss_terms(params, state.target_params, batch, models)
+        terms = loss_terms(params, state.target_params, batch, models, state.step)
         return total_loss(terms, models), terms
 
     (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)

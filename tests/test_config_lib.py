@@ -212,6 +212,8 @@ def test_batch_must_divide_over_processes():
         ({"optim.b2": 1.0}, r"optim\.b2"),
         ({"optim.eps": 0.0}, r"optim\.eps"),
         ({"optim.ipe_scale": 0.0}, "ipe_scale"),
+        ({"optim.var_cov_weight": -1.0}, r"optim\.var_cov_weight=-1\.0 must be >= 0"),
+        ({"optim.sigreg_weight": -0.05}, r"optim\.sigreg_weight=-0\.05 must be >= 0"),
         ({"total_steps": 0}, "total_steps=0"),
         ({"eval.knn_temperature": 0.0}, "knn_temperature"),
         ({"eval.probe_epochs": 0}, "chance"),

@@ -254,6 +254,12 @@ def numpy_var_cov(z, valid):
     return np.maximum(0, 1 - std).mean() + (off**2).sum() / d / 25
 
 
+def small_experiment_and_first_batch():
+    exp = train.build(small_config())
+    with train.train_batches(exp) as batches:
+        return exp, exp.init(), next(batches)
+
+
 def test_var_cov_penalty_matches_numpy_and_flags_collapse():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(6, 5, 8)).astype(np.float32) * 0.3
@@ -266,10 +272,7 @@ def test_var_cov_penalty_matches_numpy_and_flags_collapse():
 
 
 def test_var_cov_weight_adds_the_penalty_and_zero_leaves_the_reference_loss():
-    exp = train.build(small_config())
-    state = exp.init()
-    with train.train_batches(exp) as batches:
-        batch = next(batches)
+    exp, state, batch = small_experiment_and_first_batch()
     base = float(step_lib.loss_fn(state.params, state.target_params, batch, exp.models))
     weighted = dataclasses.replace(exp.models, var_cov_weight=0.5)
     images = step_lib.normalize(batch["images"], exp.models.mean, exp.models.std)
@@ -283,3 +286,52 @@ def test_var_cov_weight_adds_the_penalty_and_zero_leaves_the_reference_loss():
     assert float(metrics["var_cov_penalty"]) == pytest.approx((expected - base) / 0.5, rel=1e-4)
     _, reference_metrics = exp.train_step(exp.init(), batch)  # the step donates its state: a fresh one
     assert "prediction_loss" not in reference_metrics  # off: one term, logged as 'loss' as before
+
+
+# the other optional anti-collapse term (optim.sigreg_weight; off in the reference)
+
+
+def numpy_sigreg(x, directions, t_max=3.0, knots=33):
+    """LeJEPA's SIGReg in float64 from its definition: per direction, N x the integral over [-t_max, t_max]
+    of |ECF(t) - exp(-t^2/2)|^2 exp(-t^2/2) (complex ECF, trapezoid on the symmetric grid), mean over
+    directions."""
+    proj = np.asarray(x, np.float64) @ np.asarray(directions, np.float64)  # (N, S)
+    t = np.linspace(-t_max, t_max, knots)
+    ecf = np.exp(1j * proj[..., None] * t).mean(0)  # (S, knots)
+    integrand = np.abs(ecf - np.exp(-t**2 / 2)) ** 2 * np.exp(-t**2 / 2)
+    return len(proj) * np.trapezoid(integrand, t, axis=-1).mean()
+
+
+def test_sigreg_matches_the_epps_pulley_integral_and_is_small_only_for_standard_normal_features():
+    rng = np.random.default_rng(0)
+    directions = np.asarray(step_lib.sigreg_directions(jax.random.key(1), 16, 64))
+    np.testing.assert_allclose(np.linalg.norm(directions, axis=0), 1.0, rtol=1e-6)
+    gaussian = rng.normal(size=(512, 16)).astype(np.float32)
+    anisotropic = gaussian * np.r_[np.full(8, 0.2), np.full(8, 2.0)].astype(np.float32)
+    collapsed = np.tile(rng.normal(size=(1, 16)), (512, 1)).astype(np.float32)  # every image one feature
+    value = {}
+    for name, x in [("gaussian", gaussian), ("anisotropic", anisotropic), ("collapsed", collapsed)]:
+        value[name] = float(step_lib.sigreg(jnp.asarray(x), jnp.asarray(directions)))
+        np.testing.assert_allclose(value[name], numpy_sigreg(x, directions), rtol=1e-4)
+    # Under the null the statistic stays O(1) whatever N; away from it, it grows with N (here 512).
+    assert value["gaussian"] < 1.0
+    assert value["anisotropic"] > 10 * value["gaussian"]
+    assert value["collapsed"] > 50.0
+
+
+def test_sigreg_weight_adds_the_term_with_directions_seeded_by_the_step():
+    exp, state, batch = small_experiment_and_first_batch()
+    base = float(step_lib.loss_fn(state.params, state.target_params, batch, exp.models))
+    images = step_lib.normalize(batch["images"], exp.models.mean, exp.models.std)
+    z = np.asarray(step_lib.encode_context(state.params, images, batch, exp.models), np.float64)
+    valid = np.asarray(batch["context_valid"], np.float64)[..., None]
+    pooled = (z * valid).sum(1) / valid.sum(1)
+    weighted = dataclasses.replace(exp.models, sigreg_weight=0.05)
+    for step in (0, 7):
+        directions = step_lib.sigreg_directions(jax.random.fold_in(jax.random.key(0), step), pooled.shape[1])
+        expected = base + 0.05 * numpy_sigreg(pooled, directions)
+        got = float(step_lib.loss_fn(state.params, state.target_params, batch, weighted, step))
+        assert got == pytest.approx(expected, rel=1e-5)
+    _, metrics = train.build(small_config(**{"optim.sigreg_weight": 0.05})).train_step(state, batch)
+    assert float(metrics["prediction_loss"]) == pytest.approx(base, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(base + 0.05 * float(metrics["sigreg"]), rel=1e-5)
