@@ -313,8 +313,9 @@ def test_sigreg_matches_the_epps_pulley_integral_and_is_small_only_for_standard_
     for name, x in [("gaussian", gaussian), ("anisotropic", anisotropic), ("collapsed", collapsed)]:
         value[name] = float(step_lib.sigreg(jnp.asarray(x), jnp.asarray(directions)))
         np.testing.assert_allclose(value[name], numpy_sigreg(x, directions), rtol=1e-4)
-    # Under the null the statistic stays O(1) whatever N; away from it, it grows with N (here 512).
-    assert value["gaussian"] < 1.0
+    # For standard-normal features its expectation is 1.05 (the integral of (1 - e^-t^2) e^-t^2/2) whatever
+    # N; for any other distribution it grows with N (here 512).
+    assert value["gaussian"] < 2.0
     assert value["anisotropic"] > 10 * value["gaussian"]
     assert value["collapsed"] > 50.0
 
