@@ -172,8 +172,9 @@ def var_cov_penalty(z: jax.Array, valid: jax.Array) -> jax.Array:
     return variance + covariance / 25.0
 
 
-# LeJEPA's defaults (Balestriero & LeCun, 2025; its official code, lejepa/univariate/epps_pulley.py):
-# 1024 random directions per step, the Epps-Pulley integral on 17 knots over t in [0, 3].
+# LeJEPA's settings (Balestriero & LeCun, 2025): 1024 random directions per step (the paper's advice,
+# section 6.1), the Epps-Pulley integral on 17 knots over t in [0, 3] (its code's defaults,
+# lejepa/univariate/epps_pulley.py).
 SIGREG_SLICES = 1024
 SIGREG_T_MAX = 3.0
 SIGREG_KNOTS = 17
