@@ -117,9 +117,11 @@ def loss_fn(params, target_params, batch, models: Models, step=0) -> jax.Array:
 
 
 def total_loss(terms: dict, models: Models) -> jax.Array:
-    weights = {"var_cov_penalty": models.var_cov_weight, "sigreg": models.sigreg_weight}
-    penalties = [weights[k] * v for k, v in terms.items() if k in weights]
-    return terms["prediction_loss"] + sum(penalties) if penalties else terms["prediction_loss"]
+    loss = terms["prediction_loss"]
+    for name, weight in (("var_cov_penalty", models.var_cov_weight), ("sigreg", models.sigreg_weight)):
+        if name in terms:
+            loss = loss + weight * terms[name]
+    return loss
 
 
 def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
@@ -142,10 +144,11 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     valid = batch["target_valid"].astype(jnp.float32)
     per_token = per_elem.mean(-1)
     terms = {"prediction_loss": (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
+    z = z.astype(jnp.float32)
     if models.var_cov_weight > 0:
-        terms["var_cov_penalty"] = var_cov_penalty(z.astype(jnp.float32), batch["context_valid"])
+        terms["var_cov_penalty"] = var_cov_penalty(z, batch["context_valid"])
     if models.sigreg_weight > 0:
-        pooled = pool_valid(z.astype(jnp.float32), batch["context_valid"])
+        pooled = pool_valid(z, batch["context_valid"])
         directions = sigreg_directions(jax.random.fold_in(jax.random.key(0), step), pooled.shape[-1])
         terms["sigreg"] = sigreg(pooled, directions)
     return terms
