@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
         max_samples_per_class=0,  # > 0: a class-balanced subset, chosen from the seed
         classes="",  # comma-separated class names, or a file with one per line ('' = all)
         on_bad_image="skip",  # 'skip' undecodable images (logged and counted) or 'fail'
+        # 'host': crop/flip/colour per image in PIL (the reference's transforms); 'device': the dataset is
+        # decoded into memory and held on the devices, the host draws the same boxes and flips, and the
+        # accelerator crops (data/device_augment.py: PIL's pixels, no colour distortion or blur).
+        augment_on="host",
         use_horizontal_flip=False,  # the reference's optional augmentations (all off in its configs)
         use_color_distortion=False,
         color_jitter_strength=0.0,
@@ -278,6 +282,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"data.max_samples_per_class={d.max_samples_per_class} must be >= 0 (0 keeps all).")
     if d.on_bad_image not in ("skip", "fail"):
         raise ValueError(f"data.on_bad_image={d.on_bad_image!r}; use 'skip' or 'fail'.")
+    if d.augment_on not in ("host", "device"):
+        raise ValueError(f"data.augment_on={d.augment_on!r}; use 'host' or 'device'.")
+    if d.augment_on == "device" and (d.use_color_distortion or d.use_gaussian_blur):
+        raise ValueError(
+            "data.augment_on='device' crops and flips only; colour distortion and blur run on the host: "
+            "set data.augment_on=host, or data.use_color_distortion=False and data.use_gaussian_blur=False."
+        )
     if d.color_jitter_strength < 0:
         raise ValueError(f"data.color_jitter_strength={d.color_jitter_strength} must be >= 0.")
     if d.batch_size < 1 or d.batch_size % num_devices:

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from ijepa_jax import checkpoint, config_lib, files, masks, optim, sharding
 from ijepa_jax import step as step_lib
-from ijepa_jax.data import pipeline, sources
+from ijepa_jax.data import device_augment, pipeline, sources
 from ijepa_jax.metrics import MetricsWriter, format_duration, route_library_logs
 from ijepa_jax.models import vit
 
@@ -56,6 +56,7 @@ class Experiment:
     abstract_state: step_lib.TrainState  # shapes, dtypes and shardings: what a checkpoint restores into
     train_step: object  # jitted (state, batch) -> (state, metrics)
     models: step_lib.Models
+    augment: Callable[[dict], dict] | None = None  # data.augment_on='device': the crop, run on device batches
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
@@ -66,7 +67,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     config = ml_collections.ConfigDict(config.to_dict())
     config.mask.context_tokens = spec.context_tokens
 
-    source = sources.make_source(config.data, seed=config.seed)
+    source = sources.make_pretrain_source(config.data, config.seed, device_augment.MAX_DEVICE_DATASET_BYTES)
+    augment = None
+    if config.data.augment_on == "device":
+        dataset = device_augment.put_dataset(source.images, mesh)
+        augment = device_augment.make_augmenter(dataset, mesh, config.data.crop_size)
     steps_per_epoch = pipeline.steps_per_epoch(len(source), config.data.batch_size)
     schedule_steps = int(config.optim.ipe_scale * config.optim.epochs * steps_per_epoch)
     total_steps = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
@@ -94,7 +99,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         models, tx, schedules, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)
     )
     return Experiment(
-        config, mesh, spec, source, steps_per_epoch, total_steps, fresh_state, abstract_state, train_step, models
+        config, mesh, spec, source, steps_per_epoch, total_steps, fresh_state, abstract_state, train_step, models,
+        augment,
     )
 
 
@@ -109,7 +115,7 @@ def train_batches(exp: Experiment, start_batch: int = 0):
     dataset = pipeline.pretrain_dataset(
         exp.source, c.data, exp.spec, c.seed, jax.process_index(), jax.process_count(), start_batch
     )
-    return pipeline.prefetch_to_device(iter(dataset), exp.mesh, c.data.prefetch_batches)
+    return pipeline.prefetch_to_device(iter(dataset), exp.mesh, c.data.prefetch_batches, exp.augment)
 
 
 def initial_state(exp: Experiment, manager, workdir: str):

@@ -4,6 +4,11 @@ Randomness is keyed on GLOBAL positions: crops are drawn before the per-host
 slice (grain seeds a random_map from the element index), and the per-batch
 mask draw folds in the process index, so hosts never repeat each other's
 random streams. Every host sees the same number of batches per epoch.
+
+With `data.augment_on='device'` the source is `sources.InMemoryImages` and
+the map draws the same crop boxes and flips from the same generators but
+ships them instead of pixels; `prefetch_to_device` then runs
+`device_augment` on each batch once it is on the devices.
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ class PretrainTransform(grain.transforms.RandomMap):
         return {"images": image, "skipped": np.int32(element.get("skipped", 0))}
 
 
+class DrawCropParams(grain.transforms.RandomMap):
+    """Record {'index', 'skipped'} -> the crop box and flip PretrainTransform would draw for that image."""
+
+    def __init__(self, data_config, height: int, width: int):
+        self.data_config, self.height, self.width = data_config, height, width
+
+    def random_map(self, element, rng: np.random.Generator):
+        box, flip = transforms.draw_crop_and_flip(rng, self.height, self.width, self.data_config)
+        return {**element, "crop_box": np.asarray(box, np.int32), "flip": np.bool_(flip)}
+
+
 class SampleMasks(grain.transforms.RandomMap):
     """Batch -> batch plus fixed-shape context/target index arrays (one size draw per batch)."""
 
@@ -42,7 +58,7 @@ class SampleMasks(grain.transforms.RandomMap):
 
     def random_map(self, batch, rng: np.random.Generator):
         rng = np.random.default_rng([int(rng.integers(2**62)), self.process_index])
-        return {**batch, **self.sampler.sample(rng, len(batch["images"]))}
+        return {**batch, **self.sampler.sample(rng, len(batch["skipped"]))}
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -73,7 +89,10 @@ def pretrain_dataset(
     ds = grain.MapDataset.source(source).seed(seed)
     # Shuffle before repeat: each epoch gets its own permutation, never mixed.
     ds = ds.shuffle().repeat(None)
-    ds = ds.random_map(PretrainTransform(data_config))
+    if data_config.augment_on == "device":
+        ds = ds.random_map(DrawCropParams(data_config, *source.images.shape[1:3]))
+    else:
+        ds = ds.random_map(PretrainTransform(data_config))
     ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.random_map(SampleMasks(spec, process_index))
@@ -94,9 +113,10 @@ def ignore_sigterm(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def prefetch_to_device(iterator, mesh, size: int) -> "DevicePrefetcher":
-    """Yields global device batches, keeping `size` batches ready."""
-    return DevicePrefetcher(iterator, mesh, size)
+def prefetch_to_device(iterator, mesh, size: int, on_device=None) -> "DevicePrefetcher":
+    """Yields global device batches, keeping `size` batches ready; `on_device` (batch -> batch, e.g.
+    device_augment's) runs on each one once it is on the devices."""
+    return DevicePrefetcher(iterator, mesh, size, on_device)
 
 
 class DevicePrefetcher:
@@ -109,12 +129,13 @@ class DevicePrefetcher:
     block, or when the object is dropped) stops and joins it.
     """
 
-    def __init__(self, iterator, mesh, size: int):
+    def __init__(self, iterator, mesh, size: int, on_device=None):
         self._queue = queue.Queue(maxsize=max(size, 1))
         self._stop = threading.Event()
         self._done = False
         self._thread = threading.Thread(
-            target=_fill, args=(iterator, mesh, self._queue, self._stop), name="prefetch_to_device", daemon=True
+            target=_fill, args=(iterator, mesh, on_device, self._queue, self._stop), name="prefetch_to_device",
+            daemon=True,
         )
         self._thread.start()
         # Runs on close(), when the iterator is dropped (the thread holds no reference to self), or at exit.
@@ -158,11 +179,12 @@ class _End:
     error: BaseException | None = None
 
 
-def _fill(iterator, mesh, out: queue.Queue, stop: threading.Event) -> None:
+def _fill(iterator, mesh, on_device, out: queue.Queue, stop: threading.Event) -> None:
     """The reader thread: batches in order, then _End (with the exception, if one stopped it)."""
     try:
         for batch in iterator:
-            if not _put(out, sharding.put_batch(batch, mesh), stop):
+            batch = sharding.put_batch(batch, mesh)
+            if not _put(out, on_device(batch) if on_device else batch, stop):
                 return
         _put(out, _End(), stop)
     except BaseException as e:  # handed to the loop thread, which raises it

@@ -9,6 +9,7 @@ skipped and counted (or fail the run, with `data.on_bad_image='fail'`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 
@@ -137,6 +138,62 @@ def make_source(data_config, split: str | None = None, seed: int = 0):
             class_ids = np.asarray([known[n] for n in names])
         source = Subset(source, select_indices(source.labels, d.max_samples_per_class, class_ids, seed), class_ids)
     return SkipBadImages(source, fail=d.on_bad_image == "fail")
+
+
+class InMemoryImages:
+    """A source decoded once into one uint8 (N, H, W, 3) array, for `data.augment_on='device'`.
+
+    As a grain source its records are {'index', 'skipped'}: the pixels stay in
+    `images`, which the run copies to the devices once. Undecodable files were
+    replaced by the next readable one at load time (`SkipBadImages`), and
+    `skipped` still counts them, as the host path does.
+    """
+
+    def __init__(self, images: np.ndarray, skipped: np.ndarray, labels: np.ndarray, class_names: list[str]):
+        self.images, self.skipped, self.labels, self.class_names = images, skipped, labels, class_names
+
+    @classmethod
+    def load(cls, source, num_threads: int = 4, max_bytes: int | None = None) -> "InMemoryImages":
+        """Decodes every record of `source` (threads: PIL releases the GIL while decoding). All images
+        must have one size; `max_bytes` bounds the array, checked on the first image before decoding."""
+        first = np.asarray(source[0]["image"])
+        if max_bytes is not None and first.nbytes * len(source) > max_bytes:
+            raise ValueError(
+                f"data.augment_on='device' keeps the decoded dataset on every device: {len(source)} images of "
+                f"{first.shape} need {first.nbytes * len(source) / 2**30:.1f} GiB, more than "
+                f"{max_bytes / 2**30:.0f} GiB. Use --config.data.augment_on=host."
+            )
+        images = np.empty((len(source),) + first.shape, np.uint8)
+        skipped = np.zeros(len(source), np.int32)
+
+        def fill(index: int) -> None:
+            record = source[index]
+            if record["image"].shape != first.shape:
+                raise ValueError(
+                    f"data.augment_on='device' needs images of one size: record {index} is "
+                    f"{record['image'].shape}, record 0 {first.shape}. Resize the dataset once, or use "
+                    "--config.data.augment_on=host."
+                )
+            images[index] = record["image"]
+            skipped[index] = record.get("skipped", 0)
+
+        with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
+            list(pool.map(fill, range(len(source))))
+        return cls(images, skipped, np.asarray(source.labels), list(source.class_names))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": np.int32(index), "skipped": self.skipped[index]}
+
+
+def make_pretrain_source(data_config, seed: int = 0, max_bytes: int | None = None):
+    """The pretraining source: `make_source`'s, decoded into memory when `data.augment_on='device'`."""
+    source = make_source(data_config, seed=seed)
+    if data_config.augment_on == "device":
+        source = InMemoryImages.load(source, data_config.num_threads, max_bytes)
+    return source
 
 
 def describe(source) -> str:

@@ -59,7 +59,12 @@ def random_resized_crop_box(
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int, scale) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (size, size, 3), bilinear (PIL, as torchvision on PIL images)."""
-    top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale)
+    return resize_box(image, random_resized_crop_box(rng, image.shape[0], image.shape[1], scale), size)
+
+
+def resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The (top, left, h, w) box of `image` resized to (size, size), bilinear (PIL)."""
+    top, left, h, w = box
     # Crop first, then resize: resize(box=...) would let the filter read pixels outside the box.
     crop = Image.fromarray(image[top : top + h, left : left + w])
     return np.asarray(crop.resize((size, size), Image.BILINEAR), np.uint8)
@@ -141,12 +146,21 @@ def gaussian_blur(image: np.ndarray, rng: np.random.Generator, p: float = 0.5, r
     return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(r)), np.uint8)
 
 
+def draw_crop_and_flip(rng: np.random.Generator, height: int, width: int, data_config):
+    """The training view's geometry, drawn in the reference's order: (top, left, h, w) and whether to
+    mirror. Both augmentation paths draw it here, so they see the same boxes for the same seed."""
+    box = random_resized_crop_box(rng, height, width, data_config.crop_scale)
+    # torchvision's RandomHorizontalFlip (horizontal_flip) draws one number only when it is enabled.
+    return box, bool(data_config.use_horizontal_flip and rng.random() < 0.5)
+
+
 def pretrain_transform(image: np.ndarray, rng: np.random.Generator, data_config) -> np.ndarray:
     """The reference make_transforms training view, minus ToTensor/Normalize (done on device)."""
     d = data_config
-    image = random_resized_crop(image, rng, d.crop_size, d.crop_scale)
-    if d.use_horizontal_flip:
-        image = horizontal_flip(image, rng)
+    box, flip = draw_crop_and_flip(rng, image.shape[0], image.shape[1], d)
+    image = resize_box(image, box, d.crop_size)
+    if flip:
+        image = np.ascontiguousarray(image[:, ::-1])
     if d.use_color_distortion:
         image = color_distortion(image, rng, d.color_jitter_strength)
     if d.use_gaussian_blur:

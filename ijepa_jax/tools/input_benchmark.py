@@ -83,7 +83,7 @@ def main(argv) -> None:
         return
     config = FLAGS.config
     spec = masks.resolve_spec(config)
-    source = sources.make_source(config.data, seed=config.seed)
+    source = sources.make_pretrain_source(config.data, config.seed)
     common = {"source": config.data.source, "images": len(source), "crop_size": config.data.crop_size}
     rate = sampler_rate(spec, config.data.batch_size, FLAGS.mask_batches)
     print(json.dumps({**common, "what": "mask_sampler", "grid": spec.grid_h, "img_per_s": round(rate)}), flush=True)

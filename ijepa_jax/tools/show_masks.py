@@ -59,6 +59,7 @@ def main(argv) -> None:
     del argv
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
     config.data.batch_size = max(FLAGS.num_images, 1)  # one batch: target sizes are drawn per batch
+    config.data.augment_on = "host"  # the same pixels as the device path, without devices
     spec = masks.resolve_spec(config)
     source = sources.make_source(config.data)
     ds = pipeline.pretrain_dataset(source, config.data, spec, seed=config.seed)
