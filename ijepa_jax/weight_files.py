@@ -3,21 +3,28 @@
 `TorchFile(path).load()` unpickles a torch.save file with a restricted
 unpickler that runs no code from the file: tensors come back as `TensorRef`s
 that read their bytes from the zip only when asked, so a checkpoint's
-optimizer state is never read. `read_safetensors(path)` parses the
-safetensors format with numpy.
+optimizer state is never read. `read_safetensors` / `write_safetensors` use
+the safetensors package (it checks the header against the file's length).
+
+A file that cannot be read raises ValueError naming the file and the problem
+(never struct.error, OverflowError, MemoryError, ...): the command-line tools
+print it as one line.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 # ----------------------------------------------------------------------------
 # reading torch files without torch
@@ -101,9 +108,33 @@ class _Opaque:
         pass
 
 
+def describe(obj) -> str:
+    """What an unpickled object is, for messages: 'os.system object' for a stand-in, else its type."""
+    if isinstance(obj, InvalidTensor):
+        return f"invalid tensor ({obj.reason})"
+    return f"{obj.origin} object" if isinstance(obj, _Opaque) else type(obj).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidTensor:
+    """A tensor record whose numbers cannot describe a tensor: refused only if a state dict uses it."""
+
+    reason: str
+
+
+def _naturals(x) -> bool:
+    return isinstance(x, (tuple, list)) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in x)
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, *, dtype=None):
-    dtype = np.dtype(dtype or storage.dtype)
-    return _PendingTensor(storage, dtype, int(offset), tuple(size), tuple(stride))
+    # Checked here: TensorRef.read views raw bytes with these numbers (as_strided trusts them).
+    if not isinstance(storage, _Storage):
+        return InvalidTensor(f"built on a {describe(storage)}, not a storage record")
+    if not (_naturals((offset,)) and _naturals(size) and _naturals(stride) and len(size) == len(stride)):
+        return InvalidTensor(f"offset {offset!r}, size {size!r}, stride {stride!r}")
+    if dtype is not None and not isinstance(dtype, np.dtype):
+        return InvalidTensor(f"the unsupported dtype {dtype!r}")
+    return _PendingTensor(storage, np.dtype(dtype or storage.dtype), offset, tuple(size), tuple(stride))
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
@@ -127,6 +158,11 @@ _REBUILDERS = {
 }
 
 
+# Whatever a crafted pickle makes the unpickler (or our stand-ins) raise is a bad file, not a bug.
+_UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError, ValueError)
+_UNPICKLING_ERRORS += (struct.error, OverflowError, MemoryError, RecursionError, zipfile.BadZipFile, zlib.error)
+
+
 class TorchFile:
     """A file written by torch.save (the zip format of torch >= 1.6), read with numpy.
 
@@ -137,12 +173,18 @@ class TorchFile:
 
     def __init__(self, path: str):
         if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                pickled = f.read(1) == b"\x80"  # a pickle's PROTO opcode
+            what = "a plain pickle (pickle.dump, or torch.save's pre-1.6 format)" if pickled else "not a torch zip file"
             raise ValueError(
-                f"{path} is not a torch zip file: torch.save's legacy (pre-1.6) format or not a torch file. "
-                "Re-save it with a recent torch: torch.save(torch.load(old), new)."
+                f"{path} is {what}; only the zip format of torch >= 1.6 is read (never a bare pickle: unpickling "
+                "one can run code). Re-save it with a recent torch: torch.save(torch.load(old), new)."
             )
         self.path = path
-        self.zip = zipfile.ZipFile(path)
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"{path} is a damaged zip file ({e}).") from e
         pickles = [n for n in self.zip.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
             raise ValueError(f"{path}: expected one data.pkl record in the torch zip file, found {pickles}.")
@@ -152,8 +194,6 @@ class TorchFile:
             raise ValueError(f"{path} was written on a big-endian machine; re-save it on a little-endian one.")
 
     def load(self):
-        file = self
-
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
                 if (module, name) == ("collections", "OrderedDict"):
@@ -167,23 +207,38 @@ class TorchFile:
                 return type(name, (_Opaque,), {"origin": f"{module}.{name}"})
 
             def persistent_load(self, pid):
-                if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-                    raise ValueError(f"{file.path}: unknown persistent record {pid!r}.")
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                    raise ValueError(f"unknown persistent record {pid!r}")
                 _, dtype, key, _, _ = pid  # ('storage', type, key, location, numel)
                 if not isinstance(dtype, np.dtype):
-                    raise ValueError(f"{file.path}: storage {key} has an unsupported type {dtype!r}.")
+                    raise ValueError(f"storage {key} has an unsupported type {dtype!r}")
                 return _Storage(str(key), dtype)
 
-        with self.zip.open(f"{self.prefix}data.pkl") as f:
-            obj = Unpickler(f).load()
+        try:
+            with self.zip.open(f"{self.prefix}data.pkl") as f:
+                obj = Unpickler(f).load()
+        except _UNPICKLING_ERRORS as e:
+            raise ValueError(f"{self.path}: data.pkl is not a checkpoint pickle ({type(e).__name__}: {e}).") from e
         return _bind(obj, self)
 
     def read(self, ref: TensorRef) -> np.ndarray:
-        raw = self.zip.read(f"{self.prefix}data/{ref.storage.key}")
-        flat = np.frombuffer(raw, ref.dtype)
+        name = f"{self.prefix}data/{ref.storage.key}"
         extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1
-        if min(ref.shape, default=1) > 0 and extent > flat.size:
-            raise ValueError(f"{self.path}: a tensor runs past the end of its storage record {ref.storage.key}.")
+        nbytes = int(np.prod(ref.shape, dtype=object)) * ref.dtype.itemsize
+        try:
+            size = self.zip.getinfo(name).file_size
+        except KeyError:
+            raise ValueError(f"{self.path}: a tensor's storage record {name} is missing.") from None
+        if min(ref.shape, default=1) > 0 and (extent * ref.dtype.itemsize > size or nbytes > size):
+            raise ValueError(
+                f"{self.path}: a tensor of shape {ref.shape} runs past the end of its storage record {name} "
+                f"({size} bytes)."
+            )
+        try:
+            raw = self.zip.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, MemoryError) as e:
+            raise ValueError(f"{self.path}: cannot read the record {name} ({type(e).__name__}: {e}).") from e
+        flat = np.frombuffer(raw, ref.dtype, count=len(raw) // ref.dtype.itemsize)
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset :], ref.shape, [s * flat.itemsize for s in ref.stride], writeable=False
         )
@@ -202,7 +257,7 @@ def _bind(obj, file):
 
 
 # ----------------------------------------------------------------------------
-# reading safetensors (8-byte header length, JSON header, raw little-endian data)
+# safetensors, through the safetensors package
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -218,25 +273,44 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: str) -> dict:
-    """name -> read-only array mapped from the file (read when used)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+@dataclasses.dataclass(frozen=True)
+class SafeTensorRef:
+    """A tensor of a safetensors file, read on demand (np.asarray): only the tensors converted are read."""
+
+    file: object  # an open safetensors.safe_open handle
+    path: str
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    def __array__(self, dtype=None, copy=None):
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file ({e}).") from e
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+            x = self.file.get_tensor(self.name)
+        except (safetensors.SafetensorError, OSError, MemoryError) as e:
+            raise ValueError(f"{self.path}: cannot read tensor {self.name} ({e}).") from e
+        return x.astype(dtype or self.dtype, copy=False)
+
+
+def read_safetensors(path: str) -> dict:
+    """name -> SafeTensorRef. The package checks the header (sizes, offsets, overflow) against the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No safetensors file at {path}.")
+    try:
+        file = safetensors.safe_open(path, framework="np")
+        slices = {name: file.get_slice(name) for name in file.keys()}
+        specs = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e}).") from e
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has the unsupported dtype {info['dtype']}.")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or end > data.size:
-            raise ValueError(f"{path}: tensor {name}'s byte range does not fit its shape {shape} or the file.")
-        out[name] = data[begin:end].view(dtype).reshape(shape)
+    for name, (dtype, shape) in specs.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has the unsupported dtype {dtype}.")
+        out[name] = SafeTensorRef(file, path, name, np.dtype(_SAFETENSORS_DTYPES[dtype]), shape)
     return out
+
+
+def write_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
+    """numpy arrays -> a safetensors file (metadata format 'pt': what transformers' loader expects)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
+    return path
