@@ -1,0 +1,333 @@
+"""Train and evaluate a set of recipes (a sweep), compared in one table and one plot.
+
+    python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny --workdir runs/sweep \
+        --sweep configs/sweeps/smoke.py [--point='lr5e-4:optim.lr=5e-4,optim.ema=(0.98,0.98)']
+
+A point is a named set of config overrides (`--config.KEY=VALUE`'s keys and values). Each is
+trained in WORKDIR/<name> and its target encoder evaluated into WORKDIR/<name>/eval; a random-init
+encoder of each architecture is evaluated once, in WORKDIR/random_init/<key>. Every point is
+validated before anything runs. Finished points are skipped and interrupted ones resume from their
+checkpoints: re-running the command continues the sweep. WORKDIR/summary.md and summary.jsonl hold
+a row per point and per baseline, summary.png the points' curves. See docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import runpy
+import socket
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path, tuple_parser
+
+from ijepa_jax import checkpoint, config_lib, evaluate, files
+from ijepa_jax import train as train_lib
+from ijepa_jax.eval import features as features_lib
+from ijepa_jax.eval import health
+from ijepa_jax.metrics import format_duration, route_library_logs
+from ijepa_jax.tools import plot_metrics
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+RESERVED = ("random_init", "logs")  # WORKDIR's own folders
+ROW_FILE = "sweep_row.json"  # in a point's folder once it is trained and evaluated
+DEFAULT_PROTOCOLS = ("knn", "linear")
+# How a string value is parsed for a field of each type: as --config.KEY=VALUE is (config_flags).
+_PARSERS = {float: flags.FloatParser(), int: flags.IntegerParser(), bool: flags.BooleanParser(),
+            tuple: tuple_parser.TupleParser()}
+# Besides the architecture and seed, what a random-init baseline's numbers depend on: the evaluation
+# data (data.* below; eval.*_samples_per_class choose the subsets) and eval.* except the monitor's.
+EVAL_DATA_KEYS = ("source", "root", "tfds_name", "tfds_data_dir", "classes", "on_bad_image", "mean", "std",
+                  "synthetic_images", "synthetic_classes")
+TRAIN_ONLY_EVAL_KEYS = ("every_epochs", "monitor_protocols", "monitor_train_samples_per_class",
+                        "monitor_test_samples_per_class", "health_every_steps")
+HEALTH_COLUMNS = (("health/target_rank_pooled_centered", "rank pooled"),
+                  ("health/target_rank_tokens_centered", "rank tokens"),
+                  ("health/target_std", "target std"), ("health/target_cosine", "cosine"))
+
+
+def load_sweep(path: str) -> tuple[dict, dict]:
+    """(SHARED, POINTS) of a sweep file: POINTS = {name: {key: value}}; SHARED (optional) = {key: value}
+    applied to every point before its own overrides."""
+    try:
+        module = runpy.run_path(path)
+    except Exception as e:  # a Python file can raise anything: one line, no traceback
+        raise ValueError(f"sweep file {path}: {type(e).__name__}: {e}") from None
+    points, shared = module.get("POINTS"), module.get("SHARED", {})
+    if not isinstance(points, dict) or not points or not isinstance(shared, dict):
+        raise ValueError(f"sweep file {path}: define POINTS = {{'name': {{'optim.lr': 5e-4}}, ...}} "
+                         "and optionally SHARED = {'data.max_samples_per_class': 50}.")
+    return shared, points
+
+
+def parse_point(arg: str) -> tuple[str, dict]:
+    """'name:optim.lr=5e-4,optim.ema=(0.98,0.98)' -> ('name', {'optim.lr': '5e-4', 'optim.ema': '(0.98,0.98)'}).
+    A comma starts a new override only where `KEY=` follows, so tuples keep theirs."""
+    name, _, rest = arg.partition(":")
+    pairs = [p.partition("=") for p in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", rest) if p.strip()]
+    if any(not eq for _, eq, _ in pairs):
+        raise ValueError(f"--point={arg!r}: write NAME:KEY=VALUE,KEY=VALUE (e.g. ema98:optim.ema=(0.98,0.98)).")
+    return name.strip(), {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+    """A copy of `config` with each {dotted key: value} set. Unknown keys, sections and values of the
+    wrong type are errors naming the key; a string for a non-string field is parsed as the command line
+    would parse it ('5e-4', '(0.98,0.98)', 'true')."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        try:
+            kind = config_path.get_type(key, config)
+        except (KeyError, AttributeError):
+            raise ValueError(f"{key}: no such config key") from None
+        if issubclass(kind, ml_collections.ConfigDict):
+            raise ValueError(f"{key}: is a section; override its keys ({key}.<name>) one by one")
+        try:
+            if isinstance(value, str) and kind in _PARSERS:
+                value = _PARSERS[kind].parse(value)
+            config_path.set_value(key, config, value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{key}={value!r}: {e}") from None
+    return config
+
+
+class Point(NamedTuple):
+    overrides: dict  # the point's own, as JSON reads them back (tuples as lists)
+    shared: dict  # the sweep-wide ones, applied first
+    config: ml_collections.ConfigDict
+
+
+def point_configs(base, shared: dict, points: dict) -> dict:
+    """{name: Point}: every point's config validated, then built as train builds it (its
+    data and schedule); raises a ValueError naming the point (or SHARED) and the key before anything runs."""
+    with _naming("SHARED"):
+        base = apply_overrides(base, shared)
+    planned = {}
+    for name, own in points.items():
+        with _naming(f"point {name!r}"):
+            if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED:
+                raise ValueError(f"name it with letters, digits and _.+- (it names WORKDIR/<name>), not {RESERVED}")
+            if not isinstance(own, dict):
+                raise ValueError("give its overrides as a dict, e.g. {'optim.lr': 5e-4}")
+            config = apply_overrides(base, own)
+            config_lib.validate(config, jax.device_count(), jax.process_count())
+        planned[name] = Point(_jsonable(own), _jsonable(shared), config)
+    for name, point in planned.items():  # then what only building the run finds: data, schedule length
+        with _naming(f"point {name!r}"):
+            train_lib.build(point.config)
+    return planned
+
+
+@contextlib.contextmanager
+def _naming(what: str):
+    """Re-raises a configuration error as one ValueError that starts with `what` (the point)."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as e:  # TypeError: e.g. None where validate compares
+        raise ValueError(f"{what}: {e}") from None
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _read_json(path: str):
+    p = files.path(path)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def baseline_key(config, protocols) -> str:
+    """Names a random-init baseline by what its numbers depend on (see EVAL_DATA_KEYS)."""
+    m, d = config.model, config.data
+    return features_lib.cache_key(
+        model=m.name, patch=m.patch_size, crop=d.crop_size, seed=config.seed, protocols=sorted(protocols),
+        data={k: d[k] for k in EVAL_DATA_KEYS},
+        eval={k: v for k, v in config.eval.to_dict().items() if k not in TRAIN_ONLY_EVAL_KEYS},
+    )
+
+
+def machine() -> dict:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
+            "host": socket.gethostname()}
+
+
+def _model(config) -> str:
+    return f"{config.model.name}/{config.model.patch_size} @{config.data.crop_size}px"
+
+
+def random_init_row(config, workdir: str, protocols) -> dict:
+    """The row of a random-init encoder of `config`'s architecture: evaluated once, cached in
+    WORKDIR/random_init/<key>/."""
+    key = baseline_key(config, protocols)
+    out = os.path.join(workdir, "random_init", key)
+    row = _read_json(os.path.join(out, ROW_FILE))
+    if row is None:
+        print(f"== random init of {_model(config)} (baseline {key})", flush=True)
+        start, m = time.time(), config.model
+        like = evaluate.EncoderUnderTest("random", checkpoint.unrolled_encoder(m.name, m.patch_size), None,
+                                         m.patch_size, config.data.crop_size)
+        enc = evaluate.random_init(like, config.seed)
+        results = evaluate.evaluate(config, enc, out, protocols)
+        evaluate.write_results(out, {enc.tag: results})
+        row = {"point": "random_init", "kind": "random_init", "model": _model(config), "baseline": key,
+               "protocols": list(protocols), "top1": evaluate.summary_rows(results),
+               "wall_s": time.time() - start, "machine": machine()}
+        files.write_text(os.path.join(out, ROW_FILE), json.dumps(row, indent=2))
+    return row
+
+
+def train_and_evaluate(config, point_dir: str, protocols) -> dict | None:
+    """Trains (or resumes) one point, then measures its end-of-run health and evaluates it; the point's
+    results, or None when training stopped early (a preemption signal; its checkpoint is saved)."""
+    start = time.time()
+    train_lib.train(config, point_dir)
+    exp = train_lib.build(config)
+    manager, step = checkpoint.read_only_manager(point_dir)
+    try:
+        if step < exp.total_steps:
+            return None
+        state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, point_dir)
+    finally:
+        manager.close()
+    with train_lib.train_batches(exp) as batches:  # step 1's batch, as train's own health records use
+        values = health.health_metrics(state.params, state.target_params, next(batches), exp.models)
+    enc = evaluate.from_workdir(point_dir, step)
+    out = os.path.join(point_dir, "eval")
+    results = evaluate.evaluate(config, enc, out, protocols)
+    evaluate.write_results(out, {enc.tag: results})
+    records = plot_metrics.read_records(point_dir)
+    speeds = [r["img_per_s"] for r in records if "img_per_s" in r]
+    return {"step": step, "final_loss": [r["loss"] for r in records if "loss" in r][-1], "health": values,
+            "top1": evaluate.summary_rows(results), "wall_s": time.time() - start,
+            "img_per_s": float(np.median(speeds)) if speeds else None, "machine": machine()}
+
+
+def _finished(name: str, point_dir: str, point: Point, key: str) -> dict | None:
+    """A point's row if it was trained and evaluated as now (the same evaluation: baseline `key`); an
+    error if it was trained with other overrides."""
+    row = _read_json(os.path.join(point_dir, ROW_FILE))
+    if row is not None and (row["overrides"], row["shared"]) != (point.overrides, point.shared):
+        raise ValueError(f"point {name!r}: {point_dir} was run with overrides {row['overrides']} and SHARED "
+                         f"{row['shared']}; rename the point or use another --workdir.")
+    return row if row is not None and row["baseline"] == key else None
+
+
+def _format_overrides(overrides: dict) -> str:
+    return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in overrides.items())
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The markdown table of summary.md: top-1 in % with (in brackets) the difference from random init."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["top1"]))
+    head = ["point", "model", "overrides", "steps", "final loss", *keys, *(t for _, t in HEALTH_COLUMNS),
+            "wall", "img/s", "machine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        delta = r.get("delta", {})
+        top1 = [f"{100 * r['top1'][k]:.2f}" + (f" ({100 * delta[k]:+.2f})" if k in delta else "")
+                if k in r["top1"] else "" for k in keys]
+        diag = [f"{r['health'][k]:.4g}" if k in r.get("health", {}) else "" for k, _ in HEALTH_COLUMNS]
+        m = r["machine"]
+        cells = [r["point"], r["model"], _format_overrides(r.get("overrides", {})), str(r.get("step", "")),
+                 f"{r['final_loss']:.4f}" if "final_loss" in r else "", *top1, *diag, format_duration(r["wall_s"]),
+                 f"{r['img_per_s']:.1f}" if r.get("img_per_s") else "",
+                 f"{m['devices']}x {m['device_kind']} ({m['platform']}) on {m['host']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(workdir: str, rows: list[dict], header: str = "") -> None:
+    """summary.jsonl, summary.md and (once a point has metrics) summary.png in `workdir`."""
+    files.write_text(os.path.join(workdir, "summary.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    text = (f"# Sweep {workdir}\n\n{header}\nTop-1 in %, in brackets the difference from the random-init encoder "
+            f"of the same architecture; health on a fixed batch at the last step.\n\n{summary_table(rows)}\n")
+    files.write_text(os.path.join(workdir, "summary.md"), text)
+    runs = {r["point"]: plot_metrics.read_records(os.path.join(workdir, r["point"])) for r in rows if r["kind"] == "point"}
+    if runs:
+        plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"))
+
+
+def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: str = "") -> list[dict]:
+    """Trains and evaluates every point of `planned` (point_configs') not finished in `workdir`; writes
+    and returns the summary rows (random inits first). Stops after a point whose training was preempted."""
+    keys = {name: baseline_key(p.config, protocols) for name, p in planned.items()}
+    done = {name: _finished(name, os.path.join(workdir, name), p, keys[name]) for name, p in planned.items()}
+    baselines, points = {}, []
+    for i, (name, (overrides, shared, config)) in enumerate(planned.items(), 1):
+        point_dir = os.path.join(workdir, name)
+        row = done[name]
+        if row is None:
+            walls = [r["wall_s"] for r in done.values() if r is not None]
+            todo = sum(r is None for r in done.values())
+            eta = format_duration(np.mean(walls) * todo) if walls else "? (after the first point)"
+            print(f"== point {i}/{len(planned)} {name}: {_format_overrides(overrides) or 'no overrides'}; "
+                  f"{todo} to run, sweep ETA {eta}", flush=True)
+            result = train_and_evaluate(config, point_dir, protocols)
+            if result is None:
+                print(f"point {name} stopped before its last step; run the same command again to resume.")
+                break
+            row = {"point": name, "kind": "point", "model": _model(config), "overrides": overrides,
+                   "shared": shared, "baseline": keys[name], "protocols": list(protocols), **result}
+            files.write_text(os.path.join(point_dir, ROW_FILE), json.dumps(row, indent=2))
+            done[name] = row
+            print(f"point {name} done in {format_duration(row['wall_s'])}", flush=True)
+        else:
+            print(f"== point {i}/{len(planned)} {name}: finished already, skipped", flush=True)
+        if keys[name] not in baselines:
+            baselines[keys[name]] = random_init_row(config, workdir, protocols)
+        base = baselines[keys[name]]
+        points.append({**row, "delta": {k: v - base["top1"][k] for k, v in row["top1"].items() if k in base["top1"]}})
+        write_summary(workdir, [*baselines.values(), *points], header)
+    print(f"wrote {os.path.join(workdir, 'summary.md')}")
+    return [*baselines.values(), *points]
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        shared, points = load_sweep(FLAGS.sweep) if FLAGS.sweep else ({}, {})
+        for arg in FLAGS.point:
+            name, overrides = parse_point(arg)
+            if name in points:
+                raise ValueError(f"point {name!r} is given twice.")
+            points[name] = overrides
+        if not points:
+            raise ValueError("No points: give --sweep FILE and/or --point=NAME:KEY=VALUE,...")
+        protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
+        if not protocols or set(protocols) - set(evaluate.PROTOCOLS):
+            raise ValueError(f"--protocols={FLAGS.protocols!r}: choose from {evaluate.PROTOCOLS}.")
+        planned = point_configs(FLAGS.config, shared, points)
+        route_library_logs(FLAGS.workdir, show_info=FLAGS["verbosity"].present)
+        cli = config_flags.get_override_values(FLAGS["config"])
+        header = (f"config `{config_flags.get_config_filename(FLAGS['config'])}`"
+                  + (f" with {_format_overrides(cli)}" if cli else "") + (f", sweep `{FLAGS.sweep}`" if FLAGS.sweep else "")
+                  + (f"; shared overrides: {_format_overrides(_jsonable(shared))}." if shared else "."))
+        run_sweep(planned, FLAGS.workdir, protocols, header)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if FLAGS.traceback:
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Base config file, CONFIG:ARG.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The sweep's folder: a subfolder per point, the summary.")
+    flags.DEFINE_string("sweep", "", "A sweep file (POINTS, optionally SHARED); see docs/sweeps.md.")
+    flags.DEFINE_multi_string("point", [], "A point NAME:KEY=VALUE,KEY=VALUE; repeat for more.")
+    flags.DEFINE_string("protocols", ",".join(DEFAULT_PROTOCOLS), "Comma-separated: linear, knn, lowshot.")
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
