@@ -38,9 +38,8 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from ijepa_jax import checkpoint, config_lib, optim
+from ijepa_jax import bad_input, checkpoint, config_lib, optim
 from ijepa_jax import step as step_lib
-from ijepa_jax.bad_input import run_or_exit
 from ijepa_jax.models import vit
 from ijepa_jax.weight_layouts import Arch
 from ijepa_jax.weight_sources import Source, load_source
@@ -263,8 +262,10 @@ def summary_line(summary: dict, written: str) -> str:
 
 def main(argv) -> None:
     del argv
+    if not FLAGS["verbosity"].present:
+        bad_input.quiet_library_logs()
     args = (FLAGS.source, FLAGS.workdir, FLAGS.export, FLAGS.config, FLAGS.online_as_target)
-    summary = run_or_exit(convert, *args, traceback=FLAGS.traceback)
+    summary = bad_input.run_or_exit(convert, *args, traceback=FLAGS.traceback)
     print(summary_line(summary, " and ".join(x for x in (FLAGS.workdir, FLAGS.export) if x)))
 
 

@@ -109,10 +109,10 @@ class _Opaque:
 
 
 def describe(obj) -> str:
-    """What an unpickled object is, for messages: 'os.system object' for a stand-in, else its type."""
+    """What an unpickled object is, for messages ('a call of os.system (not run)', 'a value of type int')."""
     if isinstance(obj, InvalidTensor):
-        return f"invalid tensor ({obj.reason})"
-    return f"{obj.origin} object" if isinstance(obj, _Opaque) else type(obj).__name__
+        return f"an invalid tensor ({obj.reason})"
+    return f"a call of {obj.origin} (not run)" if isinstance(obj, _Opaque) else f"a value of type {type(obj).__name__}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _naturals(x) -> bool:
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, *, dtype=None):
     # Checked here: TensorRef.read views raw bytes with these numbers (as_strided trusts them).
     if not isinstance(storage, _Storage):
-        return InvalidTensor(f"built on a {describe(storage)}, not a storage record")
+        return InvalidTensor(f"built on {describe(storage)}, not a storage record")
     if not (_naturals((offset,)) and _naturals(size) and _naturals(stride) and len(size) == len(stride)):
         return InvalidTensor(f"offset {offset!r}, size {size!r}, stride {stride!r}")
     if dtype is not None and not isinstance(dtype, np.dtype):

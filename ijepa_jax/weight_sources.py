@@ -37,7 +37,7 @@ class Source:
 def _state_dict(obj, where: str) -> dict:
     """A dict of tensors, `module.` prefixes stripped; anything else in the file is refused by name."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where} is a {describe(obj)}, not a state dict.")
+        raise ValueError(f"{where} is {describe(obj)}, not a state dict.")
     bad = [f"{k!r} ({describe(v)})" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, TensorRef))]
     if bad:
         raise ValueError(f"{where} holds {len(bad)} entries that are not tensors: {', '.join(bad[:3])}.")
@@ -49,7 +49,7 @@ def load_reference(path: str, online_as_target: bool = False) -> Source:
     the target encoder). A checkpoint without target_encoder is refused unless `online_as_target`."""
     top = TorchFile(path).load()
     if not isinstance(top, dict):
-        raise ValueError(f"{path} holds a {describe(top)}, not a checkpoint dict.")
+        raise ValueError(f"{path} holds {describe(top)}, not a checkpoint dict.")
     if "encoder" not in top and "target_encoder" not in top:
         if not top or not all(isinstance(v, TensorRef) for v in top.values()):
             raise ValueError(f"{path} has neither encoder nor target_encoder (its keys: {sorted(map(str, top))}).")
@@ -169,8 +169,11 @@ def load_source(path: str, online_as_target: bool = False) -> Source:
     if _looks_like_safetensors(path):
         return load_huggingface(path)
     with open(path, "rb") as f:
-        if f.read(1) == b"\x80":  # a pickle: TorchFile says why it is not read
-            TorchFile(path)
+        head = f.read(2)
+    if head[:1] == b"\x80":  # a pickle: TorchFile says why it is not read
+        TorchFile(path)
+    if head == b"PK":
+        raise ValueError(f"{path} starts as a zip file but has no readable zip directory: truncated or damaged?")
     raise ValueError(
         f"{path} is neither a torch zip file (a .pth.tar of the reference code) nor a safetensors file, "
         "nor a folder holding model.safetensors."
