@@ -13,7 +13,6 @@ a row per point and per baseline, summary.png the points' curves. See docs/sweep
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -109,31 +108,24 @@ class Point(NamedTuple):
 def point_configs(base, shared: dict, points: dict) -> dict:
     """{name: Point}: every point's config validated, then built as train builds it (its
     data and schedule); raises a ValueError naming the point (or SHARED) and the key before anything runs."""
-    with _naming("SHARED"):
+    planned, what = {}, "SHARED"
+    try:
         base = apply_overrides(base, shared)
-    planned = {}
-    for name, own in points.items():
-        with _naming(f"point {name!r}"):
+        for name, own in points.items():
+            what = f"point {name!r}"
             if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED:
                 raise ValueError(f"name it with letters, digits and _.+- (it names WORKDIR/<name>), not {RESERVED}")
             if not isinstance(own, dict):
                 raise ValueError("give its overrides as a dict, e.g. {'optim.lr': 5e-4}")
             config = apply_overrides(base, own)
             config_lib.validate(config, jax.device_count(), jax.process_count())
-        planned[name] = Point(_jsonable(own), _jsonable(shared), config)
-    for name, point in planned.items():  # then what only building the run finds: data, schedule length
-        with _naming(f"point {name!r}"):
+            planned[name] = Point(_jsonable(own), _jsonable(shared), config)
+        for name, point in planned.items():  # then what only building the run finds: data, schedule length
+            what = f"point {name!r}"
             train_lib.build(point.config)
-    return planned
-
-
-@contextlib.contextmanager
-def _naming(what: str):
-    """Re-raises a configuration error as one ValueError that starts with `what` (the point)."""
-    try:
-        yield
     except (ValueError, TypeError, FileNotFoundError) as e:  # TypeError: e.g. None where validate compares
         raise ValueError(f"{what}: {e}") from None
+    return planned
 
 
 def _jsonable(value):
@@ -192,8 +184,9 @@ def train_and_evaluate(config, point_dir: str, protocols) -> dict | None:
     start = time.time()
     train_lib.train(config, point_dir)
     exp = train_lib.build(config)
-    manager, step = checkpoint.read_only_manager(point_dir)
+    manager = checkpoint.make_manager(point_dir, exp.config.checkpoint, exp.steps_per_epoch)  # as train's
     try:
+        step = manager.latest_step()
         if step < exp.total_steps:
             return None
         state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, point_dir)
