@@ -206,6 +206,12 @@ def sigreg(x: jax.Array, directions: jax.Array) -> jax.Array:
     return x.shape[0] * (error * gauss_cf * trapezoid).sum(-1).mean()
 
 
+def all_finite(tree) -> jax.Array:
+    """One bool: every float in `tree` is finite (a fused reduction, no host round trip)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules: optim.Schedules):
     """One optimizer step + EMA update. Pure: (state, batch) -> (state, metrics)."""
     def objective(params):
@@ -227,6 +233,8 @@ def train_step(state: TrainState, batch: dict, *, models: Models, tx, schedules:
         "grad_norm": optax.tree.norm(grads),
         "context_tokens": batch["context_valid"].sum(-1).mean(dtype=jnp.float32),
         "target_tokens": batch["target_valid"].sum(-1).mean(dtype=jnp.float32),
+        # The loss is computed before the update: this is what says the state to be saved is usable.
+        "state_finite": all_finite((params, target_params, opt_state)),
     }
     if len(terms) > 1:  # the loss is a sum: log its parts too
         metrics.update(terms)

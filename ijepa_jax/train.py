@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -188,11 +189,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             files.write_text(files.path(workdir) / "config.json", exp.config.to_json_best_effort(indent=2))
         _print_summary(exp)
         # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
-        with (
-            contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
-            train_batches(exp, start_batch=int(state.step)) as batches,
-        ):
-            state, last = _loop(exp, state, batches, writer, manager)
+        try:
+            with (
+                contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
+                train_batches(exp, start_batch=int(state.step)) as batches,
+            ):
+                state, last = _loop(exp, state, batches, writer, manager)
+        except Diverged as e:
+            raise FloatingPointError(_diverged_message(e, manager, workdir)) from e
         manager.wait_until_finished()
         if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
             path = checkpoint.export_target_encoder(
@@ -290,9 +294,11 @@ def _zero_totals(start) -> dict:
 
 @jax.jit
 def _accumulate(totals: dict, metrics: dict) -> dict:
-    """Totals after one more step: the image count stays exact and the first non-finite loss is kept."""
+    """Totals after one more step: the image count stays exact and the first step whose loss or updated
+    state is non-finite is kept, with its loss."""
     step = totals["step"] + 1
-    newly_bad = ~jnp.isfinite(metrics["loss"]) & (totals["first_bad_step"] < 0)
+    finite = jnp.isfinite(metrics["loss"]) & metrics.get("state_finite", True)
+    newly_bad = ~finite & (totals["first_bad_step"] < 0)
     return {
         "step": step,
         "skipped_images": totals["skipped_images"] + metrics.get("skipped_images", 0),
@@ -301,20 +307,42 @@ def _accumulate(totals: dict, metrics: dict) -> dict:
     }
 
 
+class Diverged(FloatingPointError):
+    """A step's loss or updated state was non-finite; nothing from that step on is saved."""
+
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        what = f"the loss became {loss}" if not math.isfinite(loss) else (
+            f"the updated parameters or optimizer moments became non-finite (its loss was {loss:.4g})"
+        )
+        super().__init__(f"At step {step} {what}.")
+
+
 def _fetch(step: int, metrics: dict, totals: dict, steps_per_epoch: int) -> dict:
-    """`step`'s metrics as Python numbers (waits for that step); raises if any loss so far was non-finite."""
+    """`step`'s metrics as Python numbers (waits for that step); raises Diverged if any step so far had a
+    non-finite loss or state."""
     metrics, totals = jax.device_get((metrics, totals))
     first_bad = int(totals["first_bad_step"])
     if first_bad >= 0:
-        raise FloatingPointError(
-            f"The loss became {float(totals['bad_loss'])} at step {first_bad}; stopping (metrics so far are in "
-            "metrics.jsonl). Try a lower optim.lr or a longer optim.warmup_epochs, model.dtype=float32, "
-            "or check the input data."
-        )
-    values = {k: v.item() for k, v in metrics.items() if k != "skipped_images"}
+        raise Diverged(first_bad, float(totals["bad_loss"]))
+    values = {k: v.item() for k, v in metrics.items() if k not in ("skipped_images", "state_finite")}
     values["bad_images_skipped"] = int(totals["skipped_images"])  # since this process started
     values["epoch"] = step / steps_per_epoch
     return values
+
+
+def _diverged_message(error: Diverged, manager, workdir: str) -> str:
+    """What stopped the run, what is safe on disk, and the usual causes (not a diagnosis)."""
+    manager.wait_until_finished()
+    saved = sorted(manager.all_steps())
+    kept = (f"the last checkpoint, step {saved[-1]}, and every earlier one ({saved}) are finite and kept"
+            if saved else "no checkpoint had been saved")
+    return (
+        f"{error} Stopping: no state from step {error.step} on was saved; {kept} in "
+        f"{checkpoint.checkpoint_dir(workdir)}; metrics so far are in metrics.jsonl. Usual causes: a learning "
+        "rate too high for this model or batch (optim.lr, optim.warmup_epochs), bad input data, reduced "
+        "precision (model.dtype), or a damaged checkpoint this run resumed from."
+    )
 
 
 class _Timer:

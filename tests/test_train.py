@@ -12,11 +12,14 @@ import threading
 
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import small_config
-from ijepa_jax import optim, train
+from ijepa_jax import checkpoint, optim, train
+from ijepa_jax import step as step_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # jax/_src/dispatch.py: BACKEND_COMPILE_EVENT, recorded once per XLA backend compilation.
@@ -40,6 +43,10 @@ class CompileCounter:
 
     def __exit__(self, *exc):
         jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
 
 
 def read_metrics(workdir):
@@ -136,7 +143,7 @@ def test_fetch_raises_naming_the_first_bad_step(bad):
     """A non-finite loss stops the run with FloatingPointError naming the first step it happened at,
     whichever (later) step's metrics are being fetched."""
     metrics = {"loss": np.float32(bad), "lr": np.float32(1e-3)}
-    with pytest.raises(FloatingPointError, match=rf"loss became {bad} at step 7\b"):
+    with pytest.raises(FloatingPointError, match=rf"At step 7 the loss became {bad}\."):
         train._fetch(9, metrics, totals(first_bad_step=7, bad_loss=bad), steps_per_epoch=8)
 
 
@@ -147,6 +154,41 @@ def test_fetch_passes_finite_metrics_as_python_numbers():
     values = train._fetch(4, metrics, totals(skipped_images=3), steps_per_epoch=8)
     assert values == {"loss": 0.5, "context_tokens": 6.0, "bad_images_skipped": 3, "epoch": 0.5}
     assert type(values["loss"]) is float and type(values["bad_images_skipped"]) is int
+
+
+def test_fetch_raises_when_only_the_updated_state_is_non_finite():
+    """The loss is computed before the update, so a finite loss can come with a NaN state: still a stop."""
+    metrics = {"loss": np.float32(0.5)}
+    with pytest.raises(FloatingPointError, match=r"At step 7 the updated parameters or optimizer moments"):
+        train._fetch(9, metrics, totals(first_bad_step=7, bad_loss=0.5), steps_per_epoch=8)
+
+
+def plant_nan_gradient(at_step: int) -> optax.GradientTransformation:
+    """Turns the gradient of optimizer step `at_step` (1-based, counted in its own state) into NaN."""
+    def update(grads, count, params=None):
+        count = count + 1
+        return jax.tree.map(lambda g: jnp.where(count == at_step, jnp.nan, g), grads), count
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+def test_a_nan_gradient_is_never_checkpointed_and_no_good_checkpoint_is_rotated_out(tmp_path, monkeypatch):
+    """Step 5's gradient is NaN: its loss (computed before the update) is finite, its state is not. The run
+    stops at step 5 naming it and the last good checkpoint; saving every step with keep=3, the checkpoints
+    are 2, 3 and 4, all finite, and nothing of step 5 reached the disk."""
+    make_optimizer = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a: optax.chain(plant_nan_gradient(5), make_optimizer(*a)))
+    config = small_config(total_steps=8, **{"checkpoint.every_steps": 1, "checkpoint.keep": 3})
+    with pytest.raises(FloatingPointError, match=r"At step 5 the updated parameters.*last checkpoint, step 4"):
+        train.train(config, str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [2, 3, 4]
+    exp = train.build(config)
+    manager = checkpoint.make_manager(str(tmp_path), config.checkpoint, exp.steps_per_epoch)
+    for step in (2, 3, 4):
+        state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, str(tmp_path))
+        assert bool(step_lib.all_finite(state)), f"checkpoint {step}"
+    manager.close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
 
 
 def test_device_totals_keep_the_first_bad_step_and_an_exact_skip_count():
@@ -167,7 +209,7 @@ def test_absurd_learning_rate_stops_the_run(tmp_path, log_every):
     LayerNorm variances overflow float32 and step 2's loss is NaN: train() stops with FloatingPointError
     naming step 2, also when metrics are only fetched at step 4, the finite step 1 already logged."""
     config = small_config(total_steps=6, log_every_steps=log_every, **{"optim.lr": 1e30, "optim.start_lr": 1e30})
-    with pytest.raises(FloatingPointError, match=r"at step 2\b"):
+    with pytest.raises(FloatingPointError, match=r"At step 2 the loss became nan"):
         train.train(config, str(tmp_path))
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [1]
