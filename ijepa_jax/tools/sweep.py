@@ -181,7 +181,6 @@ def random_init_row(config, workdir: str, protocols) -> dict:
 def train_and_evaluate(config, point_dir: str, protocols) -> dict | None:
     """Trains (or resumes) one point, then measures its end-of-run health and evaluates it; the point's
     results, or None when training stopped early (a preemption signal; its checkpoint is saved)."""
-    start = time.time()
     train_lib.train(config, point_dir)
     exp = train_lib.build(config)
     manager = checkpoint.make_manager(point_dir, exp.config.checkpoint, exp.steps_per_epoch)  # as train's
@@ -201,8 +200,7 @@ def train_and_evaluate(config, point_dir: str, protocols) -> dict | None:
     records = plot_metrics.read_records(point_dir)
     speeds = [r["img_per_s"] for r in records if "img_per_s" in r]
     return {"step": step, "final_loss": [r["loss"] for r in records if "loss" in r][-1], "health": values,
-            "top1": evaluate.summary_rows(results), "wall_s": time.time() - start,
-            "img_per_s": float(np.median(speeds)) if speeds else None, "machine": machine()}
+            "top1": evaluate.summary_rows(results), "img_per_s": float(np.median(speeds)) if speeds else None}
 
 
 def _finished(name: str, point_dir: str, point: Point, key: str) -> dict | None:
@@ -231,9 +229,9 @@ def summary_table(rows: list[dict]) -> str:
                 if k in r["top1"] else "" for k in keys]
         diag = [f"{r['health'][k]:.4g}" if k in r.get("health", {}) else "" for k, _ in HEALTH_COLUMNS]
         m = r["machine"]
-        cells = [r["point"], r["model"], _format_overrides(r.get("overrides", {})), str(r.get("step", "")),
-                 f"{r['final_loss']:.4f}" if "final_loss" in r else "", *top1, *diag, format_duration(r["wall_s"]),
-                 f"{r['img_per_s']:.1f}" if r.get("img_per_s") else "",
+        loss = "diverged" if "error" in r else f"{r['final_loss']:.4f}" if "final_loss" in r else ""
+        cells = [r["point"], r["model"], _format_overrides(r.get("overrides", {})), str(r.get("step", "")), loss,
+                 *top1, *diag, format_duration(r["wall_s"]), f"{r['img_per_s']:.1f}" if r.get("img_per_s") else "",
                  f"{m['devices']}x {m['device_kind']} ({m['platform']}) on {m['host']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -245,14 +243,16 @@ def write_summary(workdir: str, rows: list[dict], header: str = "") -> None:
     text = (f"# Sweep {workdir}\n\n{header}\nTop-1 in %, in brackets the difference from the random-init encoder "
             f"of the same architecture; health on a fixed batch at the last step.\n\n{summary_table(rows)}\n")
     files.write_text(os.path.join(workdir, "summary.md"), text)
-    runs = {r["point"]: plot_metrics.read_records(os.path.join(workdir, r["point"])) for r in rows if r["kind"] == "point"}
+    dirs = [os.path.join(workdir, r["point"]) for r in rows if r["kind"] == "point"]
+    runs = {os.path.basename(d): plot_metrics.read_records(d) for d in dirs if os.path.exists(f"{d}/metrics.jsonl")}
     if runs:
         plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"))
 
 
 def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: str = "") -> list[dict]:
     """Trains and evaluates every point of `planned` (point_configs') not finished in `workdir`; writes
-    and returns the summary rows (random inits first). Stops after a point whose training was preempted."""
+    and returns the summary rows (random inits first). A point whose loss became non-finite gets a row
+    with its "error"; the sweep stops after a point whose training was preempted."""
     keys = {name: baseline_key(p.config, protocols) for name, p in planned.items()}
     done = {name: _finished(name, os.path.join(workdir, name), p, keys[name]) for name, p in planned.items()}
     baselines, points = {}, []
@@ -265,21 +265,27 @@ def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: 
             eta = format_duration(np.mean(walls) * todo) if walls else "? (after the first point)"
             print(f"== point {i}/{len(planned)} {name}: {_format_overrides(overrides) or 'no overrides'}; "
                   f"{todo} to run, sweep ETA {eta}", flush=True)
-            result = train_and_evaluate(config, point_dir, protocols)
+            start = time.time()
+            try:
+                result = train_and_evaluate(config, point_dir, protocols)
+            except FloatingPointError as e:  # a diverged point is a result too: recorded, and the sweep goes on
+                print(f"point {name} diverged: {e}", flush=True)
+                result = {"error": str(e), "top1": {}}
             if result is None:
                 print(f"point {name} stopped before its last step; run the same command again to resume.")
                 break
             row = {"point": name, "kind": "point", "model": _model(config), "overrides": overrides,
-                   "shared": shared, "baseline": keys[name], "protocols": list(protocols), **result}
+                   "shared": shared, "baseline": keys[name], "protocols": list(protocols), **result,
+                   "wall_s": time.time() - start, "machine": machine()}
             files.write_text(os.path.join(point_dir, ROW_FILE), json.dumps(row, indent=2))
             done[name] = row
             print(f"point {name} done in {format_duration(row['wall_s'])}", flush=True)
         else:
             print(f"== point {i}/{len(planned)} {name}: finished already, skipped", flush=True)
-        if keys[name] not in baselines:
+        if keys[name] not in baselines and "error" not in row:
             baselines[keys[name]] = random_init_row(config, workdir, protocols)
-        base = baselines[keys[name]]
-        points.append({**row, "delta": {k: v - base["top1"][k] for k, v in row["top1"].items() if k in base["top1"]}})
+        base = baselines.get(keys[name], {"top1": {}})["top1"]
+        points.append({**row, "delta": {k: v - base[k] for k, v in row["top1"].items() if k in base}})
         write_summary(workdir, [*baselines.values(), *points], header)
     print(f"wrote {os.path.join(workdir, 'summary.md')}")
     return [*baselines.values(), *points]
@@ -304,12 +310,11 @@ def main(argv) -> None:
             raise ValueError(f"--protocols={FLAGS.protocols!r}: choose from {evaluate.PROTOCOLS}.")
         planned = point_configs(FLAGS.config, shared, points)
         route_library_logs(FLAGS.workdir, show_info=FLAGS["verbosity"].present)
-        cli = config_flags.get_override_values(FLAGS["config"])
-        header = (f"config `{config_flags.get_config_filename(FLAGS['config'])}`"
-                  + (f" with {_format_overrides(cli)}" if cli else "") + (f", sweep `{FLAGS.sweep}`" if FLAGS.sweep else "")
-                  + (f"; shared overrides: {_format_overrides(_jsonable(shared))}." if shared else "."))
+        cli = _format_overrides(config_flags.get_override_values(FLAGS["config"]))
+        header = (f"config `{config_flags.get_config_filename(FLAGS['config'])}`{' with ' + cli if cli else ''}, "
+                  f"sweep `{FLAGS.sweep or '--point'}`; shared overrides: {_format_overrides(shared) or 'none'}.")
         run_sweep(planned, FLAGS.workdir, protocols, header)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError) as e:
         if FLAGS.traceback:
             raise
         sys.exit(f"error: {e}")

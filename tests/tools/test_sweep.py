@@ -91,6 +91,25 @@ def test_a_finished_point_run_with_other_overrides_is_refused(swept):
         sweep.run_sweep(planned, workdir, PROTOCOLS)
 
 
+def test_a_diverged_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """train.train raises FloatingPointError on a non-finite loss: that point's row says so, the next point
+    runs, and a re-run does not try the diverged one again."""
+    calls = []
+
+    def diverge(config, point_dir):
+        calls.append(os.path.basename(point_dir))
+        raise FloatingPointError("The loss became nan at step 3")
+
+    monkeypatch.setattr(train, "train", diverge)
+    planned = sweep.point_configs(small_config(), SHARED, {"lr1e3": {"optim.lr": 1e3}, "lr1e4": {"optim.lr": 1e4}})
+    rows = sweep.run_sweep(planned, str(tmp_path), PROTOCOLS)
+    assert calls == ["lr1e3", "lr1e4"]
+    assert [(r["point"], r["error"], r["top1"]) for r in rows] == [
+        ("lr1e3", "The loss became nan at step 3", {}), ("lr1e4", "The loss became nan at step 3", {})]
+    assert "| lr1e3 | vit_micro/4 @16px | optim.lr=1000.0 |  | diverged |" in (tmp_path / "summary.md").read_text()
+    assert sweep.run_sweep(planned, str(tmp_path), PROTOCOLS) == rows and len(calls) == 2
+
+
 @pytest.mark.parametrize(
     "points, message",
     [
