@@ -213,6 +213,11 @@ def test_nothing_to_write_and_an_export_path_that_is_a_folder(tmp_path):
     assert "is a directory" in exit_message(convert.convert, source, export=str(tmp_path / "enc.msgpack"))
 
 
+def test_traceback_flag_raises_the_error_itself(tmp_path):
+    with pytest.raises(ValueError, match="is a plain pickle"):
+        bad_input.run_or_exit(convert.convert, str(CASES["plain pickle"][0](tmp_path)), export="x", traceback=True)
+
+
 def test_online_as_target_converts_a_checkpoint_without_target_encoder(tmp_path):
     source = str(_ckpt(tmp_path, target_encoder=None))
     summary = convert.convert(source, export=str(tmp_path / "enc.msgpack"), online_as_target=True)

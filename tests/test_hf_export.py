@@ -6,6 +6,9 @@ without them. The state dicts and both Hugging Face layouts come from weight_fix
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -112,6 +115,24 @@ def test_a_workdir_and_its_msgpack_export_give_the_same_folder(tmp_path):
     a = weight_files.read_safetensors(str(tmp_path / "a" / "model.safetensors"))
     b = weight_files.read_safetensors(str(tmp_path / "b" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def test_command_line(tmp_path):
+    """python -m ijepa_jax.hf_export --source --out."""
+    save_torch(reference_checkpoint(MICRO), tmp_path / "ref.pth.tar")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [
+        sys.executable,
+        "-m",
+        "ijepa_jax.hf_export",
+        f"--source={tmp_path / 'ref.pth.tar'}",
+        f"--out={tmp_path / 'hf'}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == f"wrote {tmp_path / 'hf'}: IJepaModel vit_micro/4 at 16px"
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
 
 # --------------------------------------------------------------------------- with transformers, when installed
