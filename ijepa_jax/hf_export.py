@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
-
-from ijepa_jax import bad_input, checkpoint, convert, weight_layouts, weight_sources
+from ijepa_jax import bad_input, checkpoint, config_lib, convert, weight_layouts, weight_sources
 from ijepa_jax.models import vit
 from ijepa_jax.weight_files import write_safetensors
 
@@ -32,10 +32,8 @@ from ijepa_jax.weight_files import write_safetensors
 def load_target_encoder(source: str, step: int | None = None, online_as_target: bool = False) -> tuple:
     """(unrolled vit.Encoder parameters, model info {name, patch_size, crop_size, mean, std}) of a
     workdir, an exported .msgpack, or a source `convert` reads."""
-    if (
-        os.path.isdir(os.path.join(source, "checkpoints"))
-        or os.path.basename(os.path.normpath(source)) == "checkpoints"
-    ):
+    workdir = os.path.isdir(os.path.join(source, "checkpoints"))
+    if workdir or os.path.basename(os.path.normpath(source)) == "checkpoints":
         params, config, _ = bad_input.restore_target_encoder(source, step)
         info = {"name": config.model.name, "patch_size": config.model.patch_size, "crop_size": config.data.crop_size}
         return params, {**info, "mean": list(config.data.mean), "std": list(config.data.std)}
@@ -43,6 +41,9 @@ def load_target_encoder(source: str, step: int | None = None, online_as_target: 
         raise ValueError(f"--step applies to a workdir; {source} is not one (it has no checkpoints/ folder).")
     if source.endswith(".msgpack"):
         _, params, info = checkpoint.load_encoder(source)
+        if "mean" not in info or "std" not in info:  # an export older than the normalisation it records
+            logging.warning("%s records no mean / std: ImageNet's go into preprocessor_config.json", source)
+            info = {"mean": config_lib.IMAGENET_MEAN, "std": config_lib.IMAGENET_STD, **info}
         return params, info
     src = weight_sources.load_source(source, online_as_target)
     params = convert.encoder_params(src.target_encoder, src.arch, scan=False, where=f"{source} [target_encoder]")
@@ -98,7 +99,10 @@ def export_huggingface(params: dict, info: dict, out: str) -> str:
     if info.get("name") not in vit.VIT_SIZES:
         raise ValueError(f"unknown model {info.get('name')!r}: none of {sorted(vit.VIT_SIZES)}.")
     grid = info["crop_size"] // info["patch_size"]
-    sd = convert.encoder_state_dict(params, grid)
+    try:
+        sd = convert.encoder_state_dict(params, grid)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a tree other than vit.Encoder's
+        raise ValueError(f"the parameters are not those of an ijepa_jax ViT encoder ({type(e).__name__}: {e}).") from e
     arch = weight_layouts.infer_architecture(sd, None, "reference", "the encoder")
     width, depth, heads, ratio = vit.VIT_SIZES[info["name"]]
     found = (arch.embed_dim, arch.depth, arch.mlp_dim, arch.patch_size)

@@ -278,6 +278,12 @@ def test_hf_export_bad_input_is_one_line(tmp_path, workdir):
     msgpack = tmp_path / "enc.msgpack"
     export_encoder.export(str(workdir), str(msgpack))
     assert "--step applies to a workdir" in exit_message(hf_export.export, str(msgpack), str(tmp_path / "o"), 3)
+    assert "not those of an ijepa_jax ViT encoder (KeyError: 'stack')" in exit_message(
+        hf_export.export_huggingface,
+        {"patch_embed": {"kernel": np.zeros((4, 4, 3, 64)), "bias": np.zeros(64)}},
+        {"name": "vit_micro", "patch_size": 4, "crop_size": 16},
+        str(tmp_path / "o"),
+    )
     assert "has no target_encoder" in exit_message(
         hf_export.export, str(_ckpt(tmp_path, target_encoder=None)), str(tmp_path / "o")
     )
