@@ -31,23 +31,35 @@ from ijepa_jax.data import pipeline, sources
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900  # a loaded 2-core machine compiles two processes at once
 
-# Runs the train module as __main__ (its flags, its error handling), recording this process's crops.
+# Runs the train module as __main__ (its flags, its error handling), recording this process's crops
+# (host path) and, with PLANT_NAN_AT=k, turning optimizer step k's gradient into NaN.
 WORKER = """
 import hashlib, os, runpy, sys
-import jax
+import jax, jax.numpy as jnp, optax
+from ijepa_jax import optim
 from ijepa_jax.data import pipeline
 
-def recording(iterator, mesh, size):
+def recording(iterator, mesh, size, on_device=None):
     path = os.path.join(os.environ["SEEN_DIR"], f"seen_{jax.process_index()}.txt")
     def tee():
         with open(path, "a") as f:
             for batch in iterator:
-                f.writelines(hashlib.sha1(image.tobytes()).hexdigest() + "\\n" for image in batch["images"])
+                images = batch.get("images", ())  # device-path batches carry crop boxes, not pixels
+                f.writelines(hashlib.sha1(image.tobytes()).hexdigest() + "\\n" for image in images)
                 f.flush()
                 yield batch
-    return original(tee(), mesh, size)
+    return original(tee(), mesh, size, on_device)
+
+def plant_nan(at_step):
+    def update(grads, count, params=None):
+        count = count + 1
+        return jax.tree.map(lambda g: jnp.where(count == at_step, jnp.nan, g), grads), count
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
 
 original, pipeline.prefetch_to_device = pipeline.prefetch_to_device, recording
+if os.environ.get("PLANT_NAN_AT"):
+    make_optimizer = optim.make_optimizer
+    optim.make_optimizer = lambda *a: optax.chain(plant_nan(int(os.environ["PLANT_NAN_AT"])), make_optimizer(*a))
 sys.argv = ["ijepa_jax.train"] + sys.argv[1:]
 runpy.run_module("ijepa_jax.train", run_name="__main__", alter_sys=True)
 """
@@ -56,7 +68,7 @@ runpy.run_module("ijepa_jax.train", run_name="__main__", alter_sys=True)
 SMALL = [
     "--config", "configs/cifar100.py:vit_tiny,smoke", "--config.data.source=synthetic",
     "--config.optim.epochs=300", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
-    "--config.checkpoint.export_at_end=False",
+    "--config.checkpoint.export_at_end=False", "--config.data.augment_on=host",
 ]
 DEVICES_PER_PROCESS = 2
 
@@ -67,35 +79,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(workdir, devices: int) -> dict:
+def _env(workdir, devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), SEEN_DIR=str(workdir))
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), SEEN_DIR=str(workdir), **extra)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def start(workdir, num_processes: int, *args) -> list[subprocess.Popen]:
-    """`num_processes` train processes over 4 devices in all, logging to workdir/../log_<i>.txt."""
+def start(workdir, num_processes: int, *args, env=None) -> list[subprocess.Popen]:
+    """`num_processes` train processes over 4 devices in all, logging to workdir/../log_<i>.txt; `env`:
+    extra environment variables."""
     os.makedirs(workdir, exist_ok=True)
     command = [sys.executable, "-c", WORKER, "--workdir", str(workdir), *SMALL, *args]
     if num_processes == 1:
-        return [_popen(command, workdir, 0, 2 * DEVICES_PER_PROCESS)]
+        return [_popen(command, workdir, 0, 2 * DEVICES_PER_PROCESS, env or {})]
     cluster = [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={num_processes}"]
     return [
-        _popen(command + cluster + [f"--process_id={i}"], workdir, i, DEVICES_PER_PROCESS) for i in range(num_processes)
+        _popen(command + cluster + [f"--process_id={i}"], workdir, i, DEVICES_PER_PROCESS, env or {})
+        for i in range(num_processes)
     ]
 
 
-def _popen(command, workdir, index, devices):
+def _popen(command, workdir, index, devices, env):
     log_path = os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}_log_{index}.txt")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(workdir, devices), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=_env(workdir, devices, **env), stdout=log, stderr=subprocess.STDOUT
+        )
     process.log_path = log_path
     return process
 
 
-def finish(processes) -> list[str]:
-    """Waits for every process; returns their logs; fails with the logs if one did not exit 0."""
+def finish(processes, expect_code: int = 0) -> list[str]:
+    """Waits for every process; returns their logs; fails with the logs if one did not exit `expect_code`."""
     codes = []
     for p in processes:
         try:
@@ -108,7 +124,7 @@ def finish(processes) -> list[str]:
     for p in processes:
         with open(p.log_path) as f:
             logs.append(f.read())
-    assert codes == [0] * len(processes), "\n\n".join(f"exit {c}:\n{log[-3000:]}" for c, log in zip(codes, logs))
+    assert codes == [expect_code] * len(processes), "\n\n".join(f"exit {c}:\n{log[-3000:]}" for c, log in zip(codes, logs))
     return logs
 
 
@@ -181,6 +197,27 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     assert "resuming on 1 processes a checkpoint saved by 2" in logs[0]
     assert all(math.isfinite(r["loss"]) for r in records(workdir))
     assert checkpoint_steps(workdir) == [4, 6]
+
+
+def test_device_augmentation_on_two_processes_trains_to_the_host_paths_losses(two_process_run, tmp_path):
+    """data.augment_on=device: each process holds the whole dataset on its devices and crops its half of
+    each batch there; the pixels equal the host path's, so the losses equal two_process_run's."""
+    workdir, _ = two_process_run
+    run(tmp_path / "device", 2, "--config.total_steps=4", "--config.data.augment_on=device")
+    assert [r["loss"] for r in records(tmp_path / "device")] == [r["loss"] for r in records(workdir)][:4]
+
+
+def test_a_nan_gradient_on_two_processes_stops_both_before_saving_it(tmp_path):
+    """Step 3's gradient is NaN on both processes: both stop at step 3 with one clear line, exit 1, and the
+    checkpoint of step 2 (saved every 2 steps) is the only one."""
+    workdir = tmp_path / "nan"
+    processes = start(workdir, 2, "--config.total_steps=6", "--config.checkpoint.every_steps=2",
+                      env={"PLANT_NAN_AT": "3"})
+    logs = finish(processes, expect_code=1)
+    for log in logs:
+        assert "error: At step 3 the updated parameters or optimizer moments became non-finite" in log
+        assert "Traceback" not in log
+    assert checkpoint_steps(workdir) == [2]
 
 
 @pytest.mark.slow  # the other direction (2 -> 1) runs by default
