@@ -3,12 +3,11 @@
     python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny --workdir runs/sweep \
         --sweep configs/sweeps/smoke.py [--point='lr5e-4:optim.lr=5e-4,optim.ema=(0.98,0.98)']
 
-A point is a named set of config overrides (`--config.KEY=VALUE`'s keys and values). Each is
-trained in WORKDIR/<name> and its target encoder evaluated into WORKDIR/<name>/eval; a random-init
-encoder of each architecture is evaluated once, in WORKDIR/random_init/<key>. Every point is
-validated before anything runs. Finished points are skipped and interrupted ones resume from their
-checkpoints: re-running the command continues the sweep. WORKDIR/summary.md and summary.jsonl hold
-a row per point and per baseline, summary.png the points' curves. See docs/sweeps.md.
+A point is a named set of config overrides (`--config.KEY=VALUE`'s keys and values), trained in
+WORKDIR/<name> and evaluated into WORKDIR/<name>/eval; a random-init encoder per architecture is
+evaluated once, in WORKDIR/random_init/<key>. All points are validated before anything runs; a re-run
+skips finished points and resumes interrupted ones. WORKDIR/summary.md and summary.jsonl: a row per
+point and baseline; summary.png: the points' curves. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ _PARSERS = {float: flags.FloatParser(), int: flags.IntegerParser(), bool: flags.
 # data (data.* below; eval.*_samples_per_class choose the subsets) and eval.* except the monitor's.
 EVAL_DATA_KEYS = ("source", "root", "tfds_name", "tfds_data_dir", "classes", "on_bad_image", "mean", "std",
                   "synthetic_images", "synthetic_classes")
-TRAIN_ONLY_EVAL_KEYS = ("every_epochs", "monitor_protocols", "monitor_train_samples_per_class",
-                        "monitor_test_samples_per_class", "health_every_steps")
+TRAIN_ONLY_EVAL_KEYS = ("every_epochs", "health_every_steps", "monitor_protocols", "monitor_train_samples_per_class",
+                        "monitor_test_samples_per_class")
 HEALTH_COLUMNS = (("health/target_rank_pooled_centered", "rank pooled"),
                   ("health/target_rank_tokens_centered", "rank tokens"),
                   ("health/target_std", "target std"), ("health/target_cosine", "cosine"))
@@ -287,7 +286,8 @@ def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: 
         base = baselines.get(keys[name], {"top1": {}})["top1"]
         points.append({**row, "delta": {k: v - base[k] for k, v in row["top1"].items() if k in base}})
         write_summary(workdir, [*baselines.values(), *points], header)
-    print(f"wrote {os.path.join(workdir, 'summary.md')}")
+    if points:
+        print(f"wrote {os.path.join(workdir, 'summary.md')}")
     return [*baselines.values(), *points]
 
 
