@@ -45,7 +45,7 @@ def quiet_library_logs() -> None:
 def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
     """checkpoint.restore_target_encoder, where a damaged checkpoint (orbax and tensorstore raise
     KeyError or bare Exceptions for missing items and cut files) is a ValueError naming the workdir."""
-    checkpoint.read_only_manager(workdir)  # names a missing or empty checkpoints/ folder
+    checkpoint.read_only_manager(workdir)[0].close()  # names a missing or empty checkpoints/ folder
     try:
         return checkpoint.restore_target_encoder(workdir, step)
     except Exception as e:  # noqa: BLE001 (whatever a damaged checkpoint raises)
