@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from ijepa_jax import checkpoint, config_lib, files, masks, optim, sharding
+from ijepa_jax import workdir as workdir_lib
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import device_augment, pipeline, sources
 from ijepa_jax.metrics import MetricsWriter, format_duration, route_library_logs
@@ -139,11 +140,8 @@ def initial_state(exp: Experiment, manager, workdir: str):
         state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
         print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
         return state
-    if _has_records(files.path(workdir) / "metrics.jsonl"):
-        raise ValueError(
-            f"{workdir} holds a previous run's metrics.jsonl but no complete checkpoint to resume; "
-            "refusing to start over it. Use a new --workdir, or delete that folder's contents."
-        )
+    if workdir_lib.has_records(files.path(workdir) / "metrics.jsonl"):
+        workdir_lib.restart_after_early_crash(workdir, exp.config)
     if ckpt.init_from:
         params, target_params = checkpoint.restore_weights(ckpt.init_from, exp.abstract_state, exp.config)
         print(f"initialised weights from {ckpt.init_from}", flush=True)
@@ -166,47 +164,47 @@ def use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def _has_records(path) -> bool:
-    """True if a metrics file logged at least one step: an empty file (a crash before the first step,
-    e.g. out of memory while compiling) is no previous run to protect."""
-    return path.exists() and any(line.strip() for line in path.read_text().splitlines())
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining in `workdir` (a path, or a URL such as gs://bucket/run); returns the
     metrics of the last step."""
     if not workdir:
         raise ValueError("--workdir is empty: give a folder (or gs://bucket/folder) for config, metrics and checkpoints.")
     use_compilation_cache(config.compilation_cache_dir)
-    exp = build(config)
-    manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
-    try:
-        state = initial_state(exp, manager, workdir)
-        if jax.process_count() > 1:
-            # Every process has looked at the work dir before process 0 writes to it.
-            multihost_utils.sync_global_devices("ijepa_jax: start-up decisions made")
-        if jax.process_index() == 0:
-            files.write_text(files.path(workdir) / "config.json", exp.config.to_json_best_effort(indent=2))
-        _print_summary(exp)
-        # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
+    with workdir_lib.hold(workdir):
+        exp = build(config)
+        manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
         try:
-            with (
-                contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
-                train_batches(exp, start_batch=int(state.step)) as batches,
-            ):
-                state, last = _loop(exp, state, batches, writer, manager)
-        except Diverged as e:
-            raise FloatingPointError(_diverged_message(e, manager, workdir)) from e
-        manager.wait_until_finished()
-        if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
-            path = checkpoint.export_target_encoder(
-                state.target_params, exp.config, files.path(workdir) / "target_encoder.msgpack"
-            )
-            if jax.process_index() == 0:
-                print(f"exported the target encoder to {path}", flush=True)
-        return last
-    finally:
-        manager.close()
+            return _run(exp, manager, workdir)
+        finally:
+            manager.close()
+
+
+def _run(exp: Experiment, manager, workdir: str) -> dict:
+    """Start-up decisions, the loop, the export; returns the last step's metrics."""
+    state = initial_state(exp, manager, workdir)
+    if jax.process_count() > 1:
+        # Every process has looked at the work dir before process 0 writes to it.
+        multihost_utils.sync_global_devices("ijepa_jax: start-up decisions made")
+    if jax.process_index() == 0:
+        files.write_text(files.path(workdir) / "config.json", exp.config.to_json_best_effort(indent=2))
+    _print_summary(exp)
+    # Closed in reverse order, also on errors: the reader thread stops, then every queued record is written.
+    try:
+        with (
+            contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
+            train_batches(exp, start_batch=int(state.step)) as batches,
+        ):
+            state, last = _loop(exp, state, batches, writer, manager)
+    except Diverged as e:
+        raise FloatingPointError(_diverged_message(e, manager, workdir)) from e
+    manager.wait_until_finished()
+    if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
+        path = checkpoint.export_target_encoder(
+            state.target_params, exp.config, files.path(workdir) / "target_encoder.msgpack"
+        )
+        if jax.process_index() == 0:
+            print(f"exported the target encoder to {path}", flush=True)
+    return last
 
 
 # Each dispatched step holds its batch on the devices: bound how far the host may run ahead of them.
