@@ -1,31 +1,41 @@
 """Checkpoints (orbax) that resume exactly, and the exported target encoder.
 
 A checkpoint at step N holds, under WORKDIR/checkpoints/N/:
-  state   the whole TrainState (online + target parameters, optimizer, step)
-  data    the input pipeline's position after the N-th batch (grain state, JSON)
-  config  the resolved config (JSON)
+  state      the whole TrainState (online + target parameters, optimizer, step)
+  data       the input pipeline's position after the N-th batch (grain state, JSON)
+  config     the resolved config (JSON)
+  checksums  per array, two sums of its raw bits, computed on the device at save
 All randomness (crops, masks) is a function of the seed and the stream
-position, so these three are enough for an exact continuation. orbax writes
+position, so these are enough for an exact continuation. orbax writes
 each checkpoint to a temporary folder and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact and the
-partial one is ignored.
+partial one is ignored. A restore re-computes the checksums and checks the
+state is finite: damage on disk (truncation, flipped bytes, an emptied
+metadata file) is `CheckpointDamaged`, and the run falls back to the
+newest good checkpoint (train.initial_state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ijepa_jax import files, sharding
+from ijepa_jax import step as step_lib
 
 # Config entries that must match for a checkpoint's state to fit this run.
 ARCHITECTURE_KEYS = (
@@ -77,6 +87,7 @@ def _item_handlers() -> dict:
         "state": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
+        "checksums": ocp.JsonCheckpointHandler(),
     }
 
 
@@ -100,6 +111,7 @@ def save(manager, step: int, state, config) -> float:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave({"next_batch": step}),
             config=ocp.args.JsonSave({**json.loads(config.to_json_best_effort()), PROCESSES_KEY: jax.process_count()}),
+            checksums=ocp.args.JsonSave(checksums(state)),
         ),
         force=True,  # the loop decides when to save (see is_due)
     )
@@ -141,24 +153,129 @@ def warn_inexact_resume(saved: dict, config) -> None:
         )
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint that cannot be trusted: unreadable, not matching its checksums, or not finite."""
+
+    def __init__(self, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint step {step} {reason}")
+
+
+@jax.jit
+def _fingerprints(tree):
+    def one(x):
+        bits = _as_uint32(x).reshape(-1)
+        weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+        return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+    return jax.tree.map(one, tree)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if x.dtype.itemsize in (4, 8):
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+
+
+def checksums(tree) -> dict:
+    """{leaf path: [sum, position-weighted sum] of its raw bits as uint32}: a changed or moved byte changes
+    them. Computed on the devices (every process calls it); a few KiB of JSON per checkpoint."""
+    values = sharding.to_host(_fingerprints(tree))
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in np.asarray(leaf)]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]
+    }
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    """A one-line summary of a storage library's (often very long) error."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0]  # then a spec dump of dozens of lines
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+@contextlib.contextmanager
+def _stderr_kept_out_on_failure(settle_s: float = 1.0):
+    """When a restore fails, orbax's other reads still finish and print 'Event loop is closed' tracebacks
+    from tensorstore's threads, tens of lines under the real message. Hold file descriptor 2 in a
+    temporary file meanwhile: on success its text is passed on, on failure (after `settle_s` for those
+    reads) it goes to the library log (metrics.route_library_logs) instead of the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            time.sleep(settle_s)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            if failed and text:
+                logging.info("output of the failed checkpoint restore:\n%s", text)
+            elif text:
+                sys.stderr.write(text)
+
+
 def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
-    """(state, data_state) of `step`, with the state placed as `abstract_state`'s shardings say."""
-    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    """(state, data_state) of `step`, with the state placed as `abstract_state`'s shardings say.
+
+    Raises CheckpointDamaged when the step cannot be read, does not match the checksums written at
+    save, or holds non-finite values; ValueError when it belongs to another model."""
+    try:
+        saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # orbax raises many types for a damaged or emptied metadata file
+        raise CheckpointDamaged(step, f"has an unreadable config ({_first_line(e)})") from e
     check_compatible(saved_config, config, where)
     warn_inexact_resume(saved_config, config)
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+    has_checksums = (manager.directory / str(step) / "checksums").exists()  # older checkpoints have none
+    if has_checksums:
+        items["checksums"] = ocp.args.JsonRestore()
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise ValueError(
-            f"Checkpoint step {step} in {where} cannot be read ({type(e).__name__}: {e}). Move that step's "
-            "folder out of checkpoints/ to resume from the one before."
-        ) from e
-    return restored["state"], restored["data"]
+        with _stderr_kept_out_on_failure():
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # tensorstore raises many types for truncated or damaged array files
+        raise CheckpointDamaged(step, f"cannot be read ({_first_line(e)})") from e
+    state = restored["state"]
+    if has_checksums:
+        expected, actual = restored["checksums"], checksums(state)
+        changed = [k for k in expected if expected[k] != actual.get(k)]
+        if changed:
+            raise CheckpointDamaged(
+                step, f"does not match the checksums written when it was saved ({len(changed)} arrays, e.g. "
+                f"{changed[0]}): its files changed on disk"
+            )
+    if not bool(step_lib.all_finite(state)):
+        raise CheckpointDamaged(step, "holds non-finite values")
+    return state, restored["data"]
+
+
+def set_aside(manager, workdir: str, steps) -> str:
+    """Moves damaged step folders to WORKDIR/damaged_checkpoints/ (nothing is deleted), so that new saves
+    do not collide with them; every process calls it."""
+    dest = files.path(workdir) / "damaged_checkpoints"
+    if jax.process_index() == 0:
+        dest.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target, n = dest / str(step), 1
+            while target.exists():
+                target, n = dest / f"{step}.{n}", n + 1
+            (manager.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ijepa_jax: damaged checkpoints set aside")
+    manager.reload()
+    return str(dest)
 
 
 def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:

@@ -12,18 +12,17 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ijepa_jax import checkpoint, config_lib, files, masks, optim, sharding
+from ijepa_jax import bad_input, checkpoint, config_lib, files, masks, optim, sharding
 from ijepa_jax import workdir as workdir_lib
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import device_augment, pipeline, sources
@@ -135,11 +134,10 @@ def initial_state(exp: Experiment, manager, workdir: str):
             f"checkpoint.restore_step={ckpt.restore_step} is older than steps {newer} in "
             f"{checkpoint.checkpoint_dir(workdir)}; move those folders out of it first, then re-run."
         )
-    step = ckpt.restore_step if ckpt.restore_step >= 0 else manager.latest_step()
-    if step is not None:
-        state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
-        print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
-        return state
+    if steps:
+        # An explicit restore_step is that step or an error; otherwise the newest good checkpoint.
+        explicit = ckpt.restore_step >= 0
+        return _resume(exp, manager, workdir, [ckpt.restore_step] if explicit else steps[::-1], explicit)
     if workdir_lib.has_records(files.path(workdir) / "metrics.jsonl"):
         workdir_lib.restart_after_early_crash(workdir, exp.config)
     if ckpt.init_from:
@@ -147,6 +145,34 @@ def initial_state(exp: Experiment, manager, workdir: str):
         print(f"initialised weights from {ckpt.init_from}", flush=True)
         return exp.init().replace(params=params, target_params=target_params)
     return exp.init()
+
+
+def _resume(exp: Experiment, manager, workdir: str, candidates: list[int], explicit: bool = False):
+    """The state of the first of `candidates` that restores whole and finite; damaged ones are named in one
+    line each and moved to WORKDIR/damaged_checkpoints/ (a new save of that step must not collide)."""
+    damaged = []
+    for step in candidates:
+        try:
+            state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, workdir)
+        except checkpoint.CheckpointDamaged as e:
+            if explicit:
+                raise ValueError(f"{e}; checkpoint.restore_step asks for exactly this one.") from e
+            damaged.append(e)
+            if jax.process_index() == 0:
+                print(f"skipping {e}", flush=True)
+            continue
+        if damaged:
+            where = checkpoint.set_aside(manager, workdir, [d.step for d in damaged])
+            if jax.process_index() == 0:
+                print(f"moved damaged checkpoint(s) {[d.step for d in damaged]} to {where}", flush=True)
+        if jax.process_index() == 0:
+            print(f"resumed from {checkpoint.checkpoint_dir(workdir)} step {step}", flush=True)
+        return state
+    raise ValueError(
+        f"No checkpoint in {checkpoint.checkpoint_dir(workdir)} can be restored: "
+        + "; ".join(str(d) for d in damaged)
+        + ". Move the damaged step folders out of checkpoints/ to start over, or restore them from a copy."
+    )
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -404,28 +430,34 @@ def _print_summary(exp: Experiment) -> None:
 FLAGS = flags.FLAGS
 
 
+def define_flags(fv) -> None:
+    """The command's flags, defined by __main__ on flags.FLAGS (or by a test on its own FlagValues), not
+    at import time: tools and tests import this module."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, optionally CONFIG:ARG.", lock_config=True, flag_values=fv
+    )
+    flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (SLURM, TPU pod slices).",
+                      flag_values=fv)
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for clusters jax does not detect.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", -1, "With --coordinator_address: the number of processes.", flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.", flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.", flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad config, work dir or dataset, or a divergence, is one line."""
     del argv
-    try:
-        sharding.maybe_initialize_distributed(
-            FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-        )
-        route_library_logs(FLAGS.workdir, show_info=FLAGS["verbosity"].present)
-        train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if FLAGS.traceback:
-            raise
-        sys.exit(f"error: {e}\n(run with --traceback for the full stack trace)")
+    bad_input.path_to_write(FLAGS.workdir, "--workdir")
+    sharding.maybe_initialize_distributed(
+        FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())  # before the work dir is made
+    route_library_logs(FLAGS.workdir, show_info=bad_input.verbosity_given())
+    train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    # Flags live here, not at import time, so tools and tests can import this module.
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics and checkpoints.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (SLURM, TPU pod slices).")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for clusters jax does not detect.")
-    flags.DEFINE_integer("num_processes", -1, "With --coordinator_address: the number of processes.")
-    flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.")
-    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from ijepa_jax import checkpoint, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"checkpoint.every_steps": 3, "checkpoint.async_save": True}
+# A failed restore leaves orbax's pending read coroutines to the garbage collector, which reports them.
+damaged_restore = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def losses(workdir):
@@ -227,7 +231,8 @@ def test_a_different_model_is_refused_naming_what_differs(continuous_run):
         train.train(config, continuous_run)
 
 
-def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
+@damaged_restore
+def test_a_corrupt_only_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
     train.train(small_config(total_steps=2), str(tmp_path))
     state_dir = tmp_path / "checkpoints" / "2" / "state"
     for root, _, files in os.walk(state_dir):
@@ -235,8 +240,114 @@ def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
             if not name.endswith(".json") and "metadata" not in name:
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
-    with pytest.raises(ValueError, match="cannot be read.*Move that step"):
+    with pytest.raises(ValueError, match=r"No checkpoint in .* can be restored: checkpoint step 2 cannot be read.*Move"):
         train.train(small_config(total_steps=4), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# damage on disk: detected at restore, the newest good checkpoint used instead
+
+
+def largest_array_file(step_dir):
+    """The biggest data file of a checkpoint's state (where most of the parameters' bytes are)."""
+    paths = [os.path.join(r, n) for r, _, names in os.walk(step_dir / "state") for n in names]
+    return max((p for p in paths if os.sep + "d" + os.sep in p), key=os.path.getsize)
+
+
+def truncate(step_dir):
+    path = largest_array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def flip_4_kib(step_dir):
+    path = largest_array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        block = f.read(4096)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def empty_config_metadata(step_dir):
+    (step_dir / "config" / "metadata").write_text("")
+
+
+@pytest.fixture(scope="module")
+def run_to_6(tmp_path_factory):
+    """6 steps saving every 2 (checkpoints 2, 4, 6), copied fresh for each test."""
+    workdir = tmp_path_factory.mktemp("run_to_6")
+    train.train(small_config(total_steps=6, **{"checkpoint.every_steps": 2}), str(workdir))
+    return workdir
+
+
+@damaged_restore
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (truncate, "cannot be read"),
+        (flip_4_kib, "does not match the checksums written when it was saved|cannot be read"),
+        (empty_config_metadata, "has an unreadable config"),
+    ],
+)
+def test_a_damaged_latest_checkpoint_is_skipped_in_one_line_and_the_run_resumes_from_the_one_before(
+    run_to_6, tmp_path, capsys, damage, reason
+):
+    """Step 6 damaged: one line names it and why, it moves to damaged_checkpoints/6 (kept, not deleted), the
+    run resumes from step 4 and ends with the same losses as an undamaged resume from 4 would give."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_to_6, workdir)
+    damage(workdir / "checkpoints" / "6")
+    capsys.readouterr()
+    train.train(small_config(total_steps=8, **{"checkpoint.every_steps": 2}), str(workdir))
+    out = capsys.readouterr().out
+    skip_lines = [line for line in out.splitlines() if line.startswith("skipping checkpoint step 6")]
+    assert len(skip_lines) == 1 and re.search(reason, skip_lines[0]) and len(skip_lines[0]) < 400, out
+    assert "resumed from" in out and "step 4" in out
+    assert (workdir / "damaged_checkpoints" / "6").is_dir()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "8"]  # 6 saved again by this run
+    assert steps_logged(str(workdir)) == list(range(1, 9))
+    assert losses(str(workdir))[5] == losses(str(run_to_6))[5]  # resumed exactly from step 4
+
+
+@damaged_restore
+def test_every_checkpoint_damaged_is_one_error_naming_each(run_to_6, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_to_6, workdir)
+    for step in ("2", "4", "6"):
+        truncate(workdir / "checkpoints" / step)
+    with pytest.raises(ValueError, match=r"can be restored: checkpoint step 6 cannot be read.*step 4.*step 2"):
+        train.train(small_config(total_steps=8), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]  # nothing moved or deleted
+
+
+@damaged_restore
+def test_an_explicit_restore_step_that_is_damaged_is_an_error_not_a_fallback(run_to_6, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_to_6, workdir)
+    flip_4_kib(workdir / "checkpoints" / "6")
+    with pytest.raises(ValueError, match=r"checkpoint step 6 .*restore_step asks for exactly this one"):
+        train.train(small_config(total_steps=8, **{"checkpoint.restore_step": 6}), str(workdir))
+
+
+def test_checksums_change_with_any_changed_or_moved_value():
+    """The oracle is the definition: sums of raw bits, plain and position-weighted, in numpy."""
+    tree = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False]),
+            "c": np.array([1.5, -2.0], dtype=jnp.bfloat16), "d": np.int32(7)}
+    sums = checkpoint.checksums(jax.tree.map(jnp.asarray, tree))
+    bits = tree["a"].view(np.uint32).ravel().astype(np.uint64)
+    weights = np.arange(1, bits.size + 1, dtype=np.uint64)
+    assert sums["a"] == [int(bits.sum() % 2**32), int((bits * weights).sum() % 2**32)]
+    swapped = {**tree, "a": tree["a"].ravel()[[1, 0] + list(range(2, 12))].reshape(3, 4)}
+    assert checkpoint.checksums(jax.tree.map(jnp.asarray, swapped))["a"][0] == sums["a"][0]  # same plain sum
+    assert checkpoint.checksums(jax.tree.map(jnp.asarray, swapped))["a"][1] != sums["a"][1]  # not weighted
+    assert set(sums) == {"a", "b", "c", "d"}
 
 
 def test_metrics_without_a_checkpoint_refuse_a_fresh_start(tmp_path):
