@@ -208,6 +208,8 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_p
     pred_depth, pred_width = SMALL_SCALE_PREDICTORS[model_name]
     c.model.update(name=model_name, patch_size=patch_size, pred_depth=pred_depth, pred_width=pred_width)
     c.data.update(crop_size=crop_size, crop_scale=(0.3, 1.0), batch_size=256, num_workers=0)
+    # The dataset fits in memory: crop on the accelerator (same pixels as PIL, docs/performance.md).
+    c.data.augment_on = "device"
     c.mask.update(mode="corrected", min_keep=4)
     c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
