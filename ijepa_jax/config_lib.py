@@ -7,6 +7,8 @@ fails in the first second with a message that says what to change.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from ijepa_jax import masks, sharding
@@ -45,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
         source="cifar100",  # 'cifar100', 'folder' (ROOT/<split>/<class>/<image>), 'tfds' or 'synthetic'
         root="",
         split="train",
-        download=True,  # cifar100: fetch the official archive into data.root when it is missing
+        # cifar100: fetch the official archive (161 MiB) into data.root, created if need be, when it is missing.
+        # Off by default: a mistyped root is an error naming it, not a new folder and a download.
+        download=False,
         tfds_name="",  # tfds: e.g. 'imagenet2012'
         tfds_data_dir="",  # tfds: where prepared datasets live ('' = TFDS's default)
         max_samples_per_class=0,  # > 0: a class-balanced subset, chosen from the seed
@@ -246,87 +250,90 @@ def parse_config_arg(arg: str, choices, default: str) -> tuple[str, bool]:
     return names[0], is_smoke
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Raise ValueError naming the offending key and the fix."""
-    m, d, o = config.model, config.data, config.optim
+# Real-valued keys: each a finite number (inf and nan pass every comparison-based range check below).
+NUMBERS = (
+    "optim.lr", "optim.start_lr", "optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.b1",
+    "optim.b2", "optim.eps", "optim.var_cov_weight", "optim.sigreg_weight", "optim.ipe_scale", "optim.epochs",
+    "optim.warmup_epochs", "data.color_jitter_strength", "eval.knn_temperature",
+)
+# (low, high) pairs of finite numbers.
+PAIRS = ("optim.ema", "data.crop_scale", "mask.target_scale", "mask.target_aspect", "mask.context_scale",
+         "mask.context_aspect")
+# Sequences of finite numbers.
+SEQUENCES = ("data.mean", "data.std", "eval.probe_lrs", "eval.probe_weight_decays")
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _shown(value) -> str:
+    """A value as given: a command-line tuple that is not a Python literal ('(0.9,inf)') arrives as a
+    1-tuple of its text."""
+    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    return repr(value)
+
+
+def _validate_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every real-valued key a finite number, every pair two of them (before any range check)."""
+    for key in NUMBERS:
+        value = _get(config, key)
+        if not _is_number(value):
+            raise ValueError(f"{key}={value!r} must be a finite number.")
+    for key in PAIRS:
+        value = _get(config, key)
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value))):
+            raise ValueError(
+                f"{key}={_shown(value)} must be a pair of finite numbers, e.g. --config.{key}='(0.5,1.0)'."
+            )
+    for key in SEQUENCES:
+        value = _get(config, key)
+        if not (isinstance(value, (tuple, list)) and all(map(_is_number, value))):
+            raise ValueError(
+                f"{key}={_shown(value)} must be a tuple of finite numbers, e.g. --config.{key}='(0.1,1.0)'."
+            )
+
+
+def validate_grid(config: ml_collections.ConfigDict) -> None:
+    """The model name and a patch size that divides the crop (what the mask grid is made of)."""
+    m, d = config.model, config.data
     if m.name not in vit.VIT_SIZES:
         raise ValueError(f"model.name={m.name!r}; choose one of {sorted(vit.VIT_SIZES)}.")
-    embed_dim, _, heads, _ = vit.VIT_SIZES[m.name]
-    if m.patch_size < 1 or d.crop_size % m.patch_size:
+    if m.patch_size < 1 or d.crop_size < 1 or d.crop_size % m.patch_size:
         raise ValueError(
             f"data.crop_size={d.crop_size} is not divisible by model.patch_size={m.patch_size}; "
             f"use a crop of {d.crop_size // max(m.patch_size, 1) * max(m.patch_size, 1)} or a patch size that divides it."
         )
-    if m.pred_width % heads or m.pred_width % 4:
-        raise ValueError(
-            f"model.pred_width={m.pred_width} must be divisible by 4 (sin-cos) and by the "
-            f"{heads} heads of {m.name}."
-        )
-    if m.pred_depth < 1:
-        raise ValueError(f"model.pred_depth={m.pred_depth} must be >= 1.")
-    if m.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
-    if m.attention_impl not in ("", "xla", "cudnn"):
-        raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
-    if m.attention_impl == "cudnn":
-        _validate_cudnn(config)
-    if m.remat_policy not in vit.REMAT_POLICIES:
-        raise ValueError(f"model.remat_policy={m.remat_policy!r}; choose one of {sorted(vit.REMAT_POLICIES)}.")
-    if m.residual_dtype not in DTYPES:
-        raise ValueError(f"model.residual_dtype={m.residual_dtype!r}; choose one of {DTYPES}.")
+
+
+def validate_masks(config: ml_collections.ConfigDict) -> None:
+    """What the mask sampler needs (tools/mask_stats checks only this): the grid and the mask.* keys."""
+    _validate_numbers(config)
+    validate_grid(config)
+    if config.mask.auto_context_batch < 1:
+        raise ValueError(f"mask.auto_context_batch={config.mask.auto_context_batch} must be >= 1.")
+    masks.validate(masks.MaskSpec.from_config(config))
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+    """What evaluate reads of a config: the data source and the eval.* keys."""
+    _validate_numbers(config)
+    d = config.data
     if d.source not in SOURCES:
         raise ValueError(f"data.source={d.source!r}; choose one of {SOURCES}.")
     if d.source == "tfds" and not d.tfds_name:
         raise ValueError("data.source='tfds' needs --config.data.tfds_name (e.g. imagenet2012).")
     if d.source in ("folder",) and not d.root:
         raise ValueError("data.source='folder' needs --config.data.root (the folder holding train/ and val/).")
-    if d.max_samples_per_class < 0:
-        raise ValueError(f"data.max_samples_per_class={d.max_samples_per_class} must be >= 0 (0 keeps all).")
-    if d.on_bad_image not in ("skip", "fail"):
-        raise ValueError(f"data.on_bad_image={d.on_bad_image!r}; use 'skip' or 'fail'.")
-    if d.augment_on not in ("host", "device"):
-        raise ValueError(f"data.augment_on={d.augment_on!r}; use 'host' or 'device'.")
-    if d.augment_on == "device" and (d.use_color_distortion or d.use_gaussian_blur):
-        raise ValueError(
-            "data.augment_on='device' crops and flips only; colour distortion and blur run on the host: "
-            "set data.augment_on=host, or data.use_color_distortion=False and data.use_gaussian_blur=False."
-        )
-    if d.color_jitter_strength < 0:
-        raise ValueError(f"data.color_jitter_strength={d.color_jitter_strength} must be >= 0.")
-    if d.batch_size < 1 or d.batch_size % num_devices:
-        raise ValueError(
-            f"data.batch_size={d.batch_size} (global) is not divisible by the {num_devices} devices; "
-            f"use a multiple of {num_devices}, e.g. {max(1, d.batch_size // num_devices) * num_devices}."
-        )
-    sharding.mesh_shape(config.mesh, num_devices)
-    if d.batch_size % num_processes:
-        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {num_processes} processes.")
-    lo, hi = d.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < low <= high <= 1.")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         raise ValueError("data.mean and data.std need 3 values each, std > 0.")
-    if o.loss not in LOSSES:
-        raise ValueError(f"optim.loss={o.loss!r}; choose one of {LOSSES}.")
-    if o.epochs <= 0 or not 0 <= o.warmup_epochs <= o.epochs:
-        raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
-    if not 0 <= o.ema[0] <= o.ema[1] <= 1:
-        raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
-    if not (o.lr > 0 and o.start_lr >= 0 and o.final_lr >= 0):
-        raise ValueError(
-            f"optim.lr={o.lr} must be > 0, optim.start_lr={o.start_lr} and optim.final_lr={o.final_lr} >= 0."
-        )
-    if o.weight_decay < 0 or o.final_weight_decay < 0:
-        raise ValueError(f"optim.weight_decay={o.weight_decay} and final_weight_decay={o.final_weight_decay} must be >= 0.")
-    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
-        raise ValueError(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1), optim.eps={o.eps} > 0.")
-    for name in ("var_cov_weight", "sigreg_weight"):
-        if o[name] < 0:
-            raise ValueError(f"optim.{name}={o[name]} must be >= 0 (0: off, the reference's loss).")
-    if o.ipe_scale <= 0:
-        raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
-    if config.total_steps == 0 or config.total_steps < -1:
-        raise ValueError(f"total_steps={config.total_steps}: give a number of steps > 0, or -1 for all the epochs.")
     e = config.eval
     if e.lowshot_variant not in ("last", "last_bn", "last4", "last4_bn"):
         raise ValueError(f"eval.lowshot_variant={e.lowshot_variant!r}; use last, last_bn, last4 or last4_bn.")
@@ -351,13 +358,96 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         )
     if e.image_size == 0 or e.image_size < -1:
         raise ValueError(f"eval.image_size={e.image_size}: give a size > 0, or -1 for the encoder's crop size.")
+    for key in ("train_samples_per_class", "test_samples_per_class"):
+        if e[key] < 0:
+            raise ValueError(f"eval.{key}={e[key]} must be >= 0 (0 keeps all).")
+
+
+def validate_on_host(config: ml_collections.ConfigDict) -> None:
+    """validate, for the tools that run the input pipeline or the masks on the host only: the mesh and
+    the batch's split over devices are not theirs to check."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.mesh.update(data=-1, fsdp=1)
+    validate(c, num_devices=1)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raise ValueError naming the offending key and the fix."""
+    m, d, o = config.model, config.data, config.optim
+    _validate_numbers(config)
+    validate_grid(config)
+    validate_eval(config)  # also the data source, read by both
+    embed_dim, _, heads, _ = vit.VIT_SIZES[m.name]
+    if m.pred_width % heads or m.pred_width % 4:
+        raise ValueError(
+            f"model.pred_width={m.pred_width} must be divisible by 4 (sin-cos) and by the "
+            f"{heads} heads of {m.name}."
+        )
+    if m.pred_depth < 1:
+        raise ValueError(f"model.pred_depth={m.pred_depth} must be >= 1.")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
+    if m.attention_impl not in ("", "xla", "cudnn"):
+        raise ValueError(f"model.attention_impl={m.attention_impl!r}; use '', 'xla' or 'cudnn'.")
+    if m.attention_impl == "cudnn":
+        _validate_cudnn(config)
+    if m.remat_policy not in vit.REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy={m.remat_policy!r}; choose one of {sorted(vit.REMAT_POLICIES)}.")
+    if m.residual_dtype not in DTYPES:
+        raise ValueError(f"model.residual_dtype={m.residual_dtype!r}; choose one of {DTYPES}.")
+    if d.max_samples_per_class < 0:
+        raise ValueError(f"data.max_samples_per_class={d.max_samples_per_class} must be >= 0 (0 keeps all).")
+    if d.on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"data.on_bad_image={d.on_bad_image!r}; use 'skip' or 'fail'.")
+    if d.augment_on not in ("host", "device"):
+        raise ValueError(f"data.augment_on={d.augment_on!r}; use 'host' or 'device'.")
+    if d.augment_on == "device" and (d.use_color_distortion or d.use_gaussian_blur):
+        raise ValueError(
+            "data.augment_on='device' crops and flips only; colour distortion and blur run on the host: "
+            "set data.augment_on=host, or data.use_color_distortion=False and data.use_gaussian_blur=False."
+        )
+    if d.color_jitter_strength < 0:
+        raise ValueError(f"data.color_jitter_strength={d.color_jitter_strength} must be >= 0.")
+    if d.batch_size < 1:
+        raise ValueError(f"data.batch_size={d.batch_size} (global) must be >= 1.")
+    if d.batch_size % num_devices:
+        raise ValueError(
+            f"data.batch_size={d.batch_size} (global) is not divisible by the {num_devices} devices; "
+            f"use a multiple of {num_devices}, e.g. {max(1, d.batch_size // num_devices) * num_devices}."
+        )
+    sharding.mesh_shape(config.mesh, num_devices)
+    if d.batch_size % num_processes:
+        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {num_processes} processes.")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < low <= high <= 1.")
+    if o.loss not in LOSSES:
+        raise ValueError(f"optim.loss={o.loss!r}; choose one of {LOSSES}.")
+    if o.epochs <= 0 or not 0 <= o.warmup_epochs <= o.epochs:
+        raise ValueError(f"optim.epochs={o.epochs} must be > 0 and optim.warmup_epochs={o.warmup_epochs} in [0, epochs].")
+    if not 0 <= o.ema[0] <= o.ema[1] <= 1:
+        raise ValueError(f"optim.ema={tuple(o.ema)} must satisfy 0 <= start <= end <= 1.")
+    if not (o.lr > 0 and o.start_lr >= 0 and o.final_lr >= 0):
+        raise ValueError(
+            f"optim.lr={o.lr} must be > 0, optim.start_lr={o.start_lr} and optim.final_lr={o.final_lr} >= 0."
+        )
+    if o.weight_decay < 0 or o.final_weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={o.weight_decay} and final_weight_decay={o.final_weight_decay} must be >= 0.")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
+        raise ValueError(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1), optim.eps={o.eps} > 0.")
+    for name in ("var_cov_weight", "sigreg_weight"):
+        if o[name] < 0:
+            raise ValueError(f"optim.{name}={o[name]} must be >= 0 (0: off, the reference's loss).")
+    if o.ipe_scale <= 0:
+        raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
+    if config.total_steps == 0 or config.total_steps < -1:
+        raise ValueError(f"total_steps={config.total_steps}: give a number of steps > 0, or -1 for all the epochs.")
+    e = config.eval
     if e.health_every_steps < 0:
         raise ValueError(f"eval.health_every_steps={e.health_every_steps} must be >= 0 (0: off).")
     unknown = [p for p in e.monitor_protocols.split(",") if p and p not in ("knn", "linear")]
     if unknown or (e.every_epochs and not e.monitor_protocols):
         raise ValueError(f"eval.monitor_protocols={e.monitor_protocols!r}: use 'knn', 'linear' or 'knn,linear'.")
-    if config.mask.auto_context_batch < 1:
-        raise ValueError(f"mask.auto_context_batch={config.mask.auto_context_batch} must be >= 1.")
     k = config.checkpoint
     if k.every_steps < 0 or k.keep < 1 or k.keep_every_epochs < 0:
         raise ValueError(
@@ -366,4 +456,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         )
     if config.log_every_steps < 1:
         raise ValueError(f"log_every_steps={config.log_every_steps} must be >= 1.")
-    masks.validate(masks.MaskSpec.from_config(config))
+    validate_masks(config)

@@ -16,16 +16,15 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import checkpoint, files, sharding
+from ijepa_jax import bad_input, checkpoint, config_lib, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import knn, probe
@@ -228,46 +227,57 @@ def write_results(out_dir: str, all_results: dict) -> str:
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> None:
-    del argv
-    try:
-        config = FLAGS.config
-        from ijepa_jax.train import use_compilation_cache  # the train command's cache set-up
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (data and eval settings), CONFIG:ARG.", lock_config=True, flag_values=fv
+    )
+    flags.DEFINE_string("workdir", "", "A pretraining run's --workdir (its latest checkpoint, or --step).", flag_values=fv)
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).", flag_values=fv)
+    flags.DEFINE_string("encoder", "", "An exported encoder (tools/export_encoder) instead of --workdir.", flag_values=fv)
+    flags.DEFINE_string("protocols", ",".join(PROTOCOLS), "Comma-separated: linear, knn, lowshot.", flag_values=fv)
+    flags.DEFINE_bool(
+        "baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.", flag_values=fv
+    )
+    flags.DEFINE_string("out", "", "Output folder (default WORKDIR/eval).", flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.", flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
 
-        use_compilation_cache(config.compilation_cache_dir)
-        if bool(FLAGS.workdir) == bool(FLAGS.encoder):
-            raise ValueError("Give exactly one of --workdir (a pretraining run) or --encoder (an exported file).")
-        enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step) if FLAGS.workdir else from_export(
-            FLAGS.encoder
-        )
-        out_dir = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.encoder)), "eval")
-        protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
-        unknown = set(protocols) - set(PROTOCOLS)
-        if unknown:
-            raise ValueError(f"--protocols: unknown {sorted(unknown)}; choose from {PROTOCOLS}.")
-        candidates = {enc.tag: enc}
-        if FLAGS.baseline:
-            baseline = random_init(enc, config.seed)
-            candidates[baseline.tag] = baseline
-        all_results = {}
-        for name, candidate in candidates.items():
-            print(f"== {name}", flush=True)
-            all_results[name] = evaluate(config, candidate, out_dir, protocols)
-            print(format_table({name: all_results[name]}), flush=True)
-        path = write_results(out_dir, all_results)
-        print(format_table(all_results))
-        print(f"wrote {path}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+
+def main(argv) -> None:
+    """Through bad_input.run_command: a bad config, checkpoint, export or dataset is one line."""
+    del argv
+    config = FLAGS.config
+    config_lib.validate_eval(config)
+    if bool(FLAGS.workdir) == bool(FLAGS.encoder):
+        raise ValueError("Give exactly one of --workdir (a pretraining run) or --encoder (an exported file).")
+    protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"--protocols={FLAGS.protocols!r}: unknown {sorted(unknown)}; choose from {PROTOCOLS}.")
+    out_dir = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.encoder)), "eval")
+    bad_input.path_to_write(out_dir, "--out" if FLAGS.out else "the results folder")
+    from ijepa_jax.train import use_compilation_cache  # the train command's cache set-up
+
+    use_compilation_cache(config.compilation_cache_dir)
+    if FLAGS.workdir:
+        with bad_input.reading_checkpoint(FLAGS.workdir):
+            enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+    else:
+        enc = from_export(FLAGS.encoder)
+    candidates = {enc.tag: enc}
+    if FLAGS.baseline:
+        baseline = random_init(enc, config.seed)
+        candidates[baseline.tag] = baseline
+    all_results = {}
+    for name, candidate in candidates.items():
+        print(f"== {name}", flush=True)
+        all_results[name] = evaluate(config, candidate, out_dir, protocols)
+        print(format_table({name: all_results[name]}), flush=True)
+    path = write_results(out_dir, all_results)
+    print(format_table(all_results))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Config file (data and eval settings), CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_string("workdir", "", "A pretraining run's --workdir (its latest checkpoint, or --step).")
-    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
-    flags.DEFINE_string("encoder", "", "An exported encoder (tools/export_encoder) instead of --workdir.")
-    flags.DEFINE_string("protocols", ",".join(PROTOCOLS), "Comma-separated: linear, knn, lowshot.")
-    flags.DEFINE_bool("baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.")
-    flags.DEFINE_string("out", "", "Output folder (default WORKDIR/eval).")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -96,7 +96,10 @@ class MetricsWriter:
             self._submit(_record(step, metrics), "", line)
 
     def console(self, line: str) -> None:
-        """A console line, in order with the progress lines (printed at once where nothing is queued)."""
+        """A console line, in order with the progress lines (printed at once where nothing is queued); only
+        process 0's writer prints (each process saves its part of the same checkpoint: one line, not N)."""
+        if not self.enabled:
+            return
         if self._thread is None:
             print(line, flush=True)
         else:

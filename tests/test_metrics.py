@@ -81,11 +81,11 @@ def test_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
     assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
 
 
-def test_a_disabled_writer_writes_nothing_but_notes(tmp_path, capsys):
-    """Processes other than 0 write no files; their notes still reach the console."""
+def test_a_disabled_writer_writes_and_prints_nothing(tmp_path, capsys):
+    """Processes other than 0 write no files and print no notes: process 0 prints each checkpoint line once."""
     writer = MetricsWriter(str(tmp_path / "run"), total_steps=3, enabled=False)
     writer.write(1, {"loss": 0.5, "lr": 1e-3})
-    writer.console("done")
+    writer.console("checkpoint: saving step 1 in the background")
     writer.close()
     assert not os.path.exists(tmp_path / "run")
-    assert capsys.readouterr().out == "done\n"
+    assert capsys.readouterr().out == ""

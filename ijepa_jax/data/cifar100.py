@@ -16,6 +16,7 @@ CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published with the official archive
+CIFAR100_SIZE = "161 MiB"
 
 
 class Cifar100Source:
@@ -23,7 +24,9 @@ class Cifar100Source:
 
     `root` may be the archive, the extracted `cifar-100-python/` folder, or a
     folder that holds either; with `download`, a missing archive is fetched
-    into `root` (checked against the official checksum). The arrays are
+    into `root` (checked against the official checksum), which is created if
+    need be. Without it nothing is created or fetched: a `root` that does not
+    exist, or holds neither, is a FileNotFoundError naming it. The arrays are
     loaded in the constructor (so a missing or corrupt file fails at start-up)
     and re-loaded lazily in grain worker processes instead of being pickled.
     An existing archive is not checksummed: re-packed copies with the same
@@ -36,9 +39,17 @@ class Cifar100Source:
         self.root, self.split = root, split
         try:
             self._location = _locate_cifar100(root)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             if not download:
-                raise
+                where = os.path.expanduser(root or ".")
+                if not os.path.exists(where):
+                    raise FileNotFoundError(
+                        f"data.root={root!r} does not exist; check --config.data.root, or pass "
+                        f"--config.data.download=True to download CIFAR-100 there ({CIFAR100_SIZE})."
+                    ) from None
+                raise FileNotFoundError(
+                    f"{e} Or pass --config.data.download=True to download it there ({CIFAR100_SIZE})."
+                ) from None
             download_cifar100(root)
             self._location = _locate_cifar100(root)
         self._images, self.labels, self.class_names = self._load()

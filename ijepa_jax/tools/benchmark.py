@@ -18,17 +18,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import tempfile
 import time
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import checkpoint, train
+from ijepa_jax import bad_input, checkpoint, train
 
 FLAGS = flags.FLAGS
 
@@ -261,33 +260,45 @@ def benchmark(
     }
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True,
+                                    flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).", flag_values=fv)
+    flags.DEFINE_integer("pipeline_batches", 20, "Batches to time the host pipeline on (0: skip).", flag_values=fv)
+    flags.DEFINE_bool("checkpoint", False, "Also time asynchronous checkpoint saves and report their size.",
+                      flag_values=fv)
+    flags.DEFINE_string(
+        "batch_per_device", "", "Comma-separated per-device batches, largest first: the first that fits is used.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("xla_flops", True, "Cross-check the FLOPs with XLA's cost analysis (lowers the step once more).",
+                      flag_values=fv)
+    flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU (default: from the device kind).",
+                       flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad flag or config is one line."""
     del argv
-    per_device = tuple(int(b) for b in FLAGS.batch_per_device.split(",") if b)
-    try:
-        result = benchmark(
-            FLAGS.config,
-            FLAGS.steps,
-            FLAGS.pipeline_batches,
-            FLAGS.checkpoint,
-            per_device,
-            FLAGS.peak_tflops,
-            FLAGS.xla_flops,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    parts = [b for b in FLAGS.batch_per_device.split(",") if b]
+    if not all(b.isdigit() and int(b) > 0 for b in parts):
+        raise ValueError(f"--batch_per_device={FLAGS.batch_per_device!r}: give positive integers, e.g. '64,32,16'.")
+    if FLAGS.steps < 1 or FLAGS.pipeline_batches < 0:
+        raise ValueError(f"--steps={FLAGS.steps} must be >= 1 and --pipeline_batches={FLAGS.pipeline_batches} >= 0.")
+    per_device = tuple(int(b) for b in parts)
+    result = benchmark(
+        FLAGS.config,
+        FLAGS.steps,
+        FLAGS.pipeline_batches,
+        FLAGS.checkpoint,
+        per_device,
+        FLAGS.peak_tflops,
+        FLAGS.xla_flops,
+    )
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up steps).")
-    flags.DEFINE_integer("pipeline_batches", 20, "Batches to time the host pipeline on (0: skip).")
-    flags.DEFINE_bool("checkpoint", False, "Also time asynchronous checkpoint saves and report their size.")
-    flags.DEFINE_string(
-        "batch_per_device", "", "Comma-separated per-device batches, largest first: the first that fits is used."
-    )
-    flags.DEFINE_bool("xla_flops", True, "Cross-check the FLOPs with XLA's cost analysis (lowers the step once more).")
-    flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU (default: from the device kind).")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -9,7 +9,7 @@ folder, see `ijepa_jax.hf_export`. A bad input is one line and exit status 1.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from ijepa_jax import bad_input, checkpoint
 
@@ -22,18 +22,23 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     return checkpoint.export_target_encoder(params, config, out)
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    flags.DEFINE_string("workdir", None, "A pretraining run's --workdir.", flag_values=fv)
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output file, e.g. encoder.msgpack.", flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a missing or damaged checkpoint, or a bad --out, is one line."""
     del argv
-    if not FLAGS["verbosity"].present:
+    if not bad_input.verbosity_given():
         bad_input.quiet_library_logs()
     step = None if FLAGS.step < 0 else FLAGS.step
-    print(f"wrote {bad_input.run_or_exit(export, FLAGS.workdir, FLAGS.out, step, traceback=FLAGS.traceback)}")
+    print(f"wrote {export(FLAGS.workdir, FLAGS.out, step)}")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A pretraining run's --workdir.")
-    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
-    flags.DEFINE_string("out", None, "Output file, e.g. encoder.msgpack.")
-    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.")
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -22,10 +22,10 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import masks
+from ijepa_jax import bad_input, config_lib, masks
 from ijepa_jax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
@@ -75,19 +75,45 @@ def make_imagenet_sized_folder(src: str, dst: str, per_class: int = 20, size=(50
     return written
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True,
+                                    flag_values=fv)
+    flags.DEFINE_string("workers", "0,1,2", "Comma-separated grain worker counts to measure.", flag_values=fv)
+    flags.DEFINE_integer("batches", 20, "Batches timed per worker count.", flag_values=fv)
+    flags.DEFINE_integer("mask_batches", 200, "Batches timed for the mask sampler.", flag_values=fv)
+    flags.DEFINE_string("make_folder_from", "", "Instead of measuring: an ImageNet-layout folder to upscale from.",
+                        flag_values=fv)
+    flags.DEFINE_string("make_folder_to", "/tmp/imagenet_sized", "Where --make_folder_from writes.", flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad flag, config or dataset is one line."""
     del argv
     if FLAGS.make_folder_from:
+        if not os.path.isdir(os.path.join(FLAGS.make_folder_from, "train")):
+            raise FileNotFoundError(
+                f"--make_folder_from={FLAGS.make_folder_from}: no train/ folder there (give an ImageNet-layout "
+                "folder, ROOT/train/<class>/<image>)."
+            )
+        bad_input.path_to_write(FLAGS.make_folder_to, "--make_folder_to")
         n = make_imagenet_sized_folder(FLAGS.make_folder_from, FLAGS.make_folder_to)
         print(json.dumps({"made_folder": FLAGS.make_folder_to, "images": n}), flush=True)
         return
+    workers = [w for w in FLAGS.workers.split(",") if w]
+    if not workers or not all(w.isdigit() for w in workers):
+        raise ValueError(f"--workers={FLAGS.workers!r}: give worker counts >= 0, e.g. '0,1,2'.")
+    if FLAGS.batches < 1 or FLAGS.mask_batches < 1:
+        raise ValueError(f"--batches={FLAGS.batches} and --mask_batches={FLAGS.mask_batches} must be >= 1.")
     config = FLAGS.config
+    config_lib.validate_on_host(config)
     spec = masks.resolve_spec(config)
     source = sources.make_pretrain_source(config.data, config.seed)
     common = {"source": config.data.source, "images": len(source), "crop_size": config.data.crop_size}
     rate = sampler_rate(spec, config.data.batch_size, FLAGS.mask_batches)
     print(json.dumps({**common, "what": "mask_sampler", "grid": spec.grid_h, "img_per_s": round(rate)}), flush=True)
-    for w in (int(x) for x in FLAGS.workers.split(",")):
+    for w in (int(x) for x in workers):
         rate = pipeline_rate(config, source, spec, w, FLAGS.batches)
         print(
             json.dumps({**common, "what": "pipeline", "num_workers": w, "num_threads": config.data.num_threads,
@@ -97,11 +123,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_string("workers", "0,1,2", "Comma-separated grain worker counts to measure.")
-    flags.DEFINE_integer("batches", 20, "Batches timed per worker count.")
-    flags.DEFINE_integer("mask_batches", 200, "Batches timed for the mask sampler.")
-    flags.DEFINE_string("make_folder_from", "", "Instead of measuring: an ImageNet-layout folder to upscale from.")
-    flags.DEFINE_string("make_folder_to", "/tmp/imagenet_sized", "Where --make_folder_from writes.")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import masks
+from ijepa_jax import bad_input, config_lib, masks
 
 FLAGS = flags.FLAGS
 
@@ -44,9 +44,22 @@ def mask_statistics(spec: masks.MaskSpec, batch_size: int, num_batches: int, see
     }
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True,
+                                    flag_values=fv)
+    flags.DEFINE_integer("batches", 100, "Batches to sample per mode.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 128, "Images per batch (the reference cuts per per-GPU batch).", flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad flag or mask config is one line."""
     del argv
     config = FLAGS.config
+    if FLAGS.batches < 1 or FLAGS.batch_size < 1:
+        raise ValueError(f"--batches={FLAGS.batches} and --batch_size={FLAGS.batch_size} must be >= 1.")
+    config_lib.validate_masks(config)
     header = (
         f"{'mode':<10} {'grid':<6} {'ctx/img':>8} {'ref cut':>8} {'K':>4} {'kept':>7} "
         f"{'tgt/blk':>8} {'T':>4}"
@@ -68,8 +81,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_integer("batches", 100, "Batches to sample per mode.")
-    flags.DEFINE_integer("batch_size", 128, "Images per batch (the reference cuts per per-GPU batch).")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

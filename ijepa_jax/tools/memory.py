@@ -24,6 +24,11 @@ import json
 import os
 import sys
 
+from absl import flags  # neither imports jax, which must start after _fake_devices_from_argv
+
+from ijepa_jax import bad_input
+
+FLAGS = flags.FLAGS
 GIB = 2.0**30
 
 
@@ -93,27 +98,37 @@ def describe(config, devices: int) -> dict:
     }
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=False,
+                                    flag_values=fv)
+    flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated as CPU devices).", flag_values=fv)
+    flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=-1,fsdp=16' (default: the config's mesh).", flag_values=fv)
+    flags.DEFINE_integer("batch_per_device", 0, "Per-device batch (default: the config's global batch / devices).",
+                         flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad flag, mesh or config is one line."""
     del argv
-    from absl import flags
+    import jax
 
     from ijepa_jax import train
 
-    FLAGS = flags.FLAGS
-    try:
-        import jax
-
-        devices = jax.device_count()
-        config = FLAGS.config
-        config.mesh.update(parse_mesh(FLAGS.mesh))
-        if FLAGS.batch_per_device > 0:
-            config.data.batch_size = FLAGS.batch_per_device * devices
-        config.data.source = "synthetic"
-        config.data.synthetic_images = max(config.data.synthetic_images, config.data.batch_size)
-        train.use_compilation_cache(config.compilation_cache_dir)
-        result = {**describe(config, devices), **step_memory(config)}
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    devices = jax.device_count()
+    config = FLAGS.config
+    config.mesh.update(parse_mesh(FLAGS.mesh))
+    if FLAGS.batch_per_device < 0:
+        raise ValueError(f"--batch_per_device={FLAGS.batch_per_device} must be >= 1 (0: the config's batch).")
+    if FLAGS.batch_per_device > 0:
+        config.data.batch_size = FLAGS.batch_per_device * devices
+    config.data.source = "synthetic"
+    config.data.synthetic_images = max(config.data.synthetic_images, config.data.batch_size)
+    train.use_compilation_cache(config.compilation_cache_dir)
+    result = {**describe(config, devices), **step_memory(config)}
     print(json.dumps(result), flush=True)
 
 
@@ -122,18 +137,12 @@ def _fake_devices_from_argv(argv) -> None:
     count = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), None)
     if count is None and "--devices" in argv[:-1]:
         count = argv[argv.index("--devices") + 1]
+    if count is not None and not (count.isdigit() and int(count) >= 1):
+        sys.exit(f"error: --devices={count}: give a number of devices >= 1.")
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["JAX_NUM_CPU_DEVICES"] = str(int(count or 8))
 
 
 if __name__ == "__main__":
     _fake_devices_from_argv(sys.argv)
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=False)
-    flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated as CPU devices).")
-    flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'data=-1,fsdp=16' (default: the config's mesh).")
-    flags.DEFINE_integer("batch_per_device", 0, "Per-device batch (default: the config's global batch / devices).")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

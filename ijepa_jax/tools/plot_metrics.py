@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from ijepa_jax import bad_input
 
 FLAGS = flags.FLAGS
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("wd", "weight decay"), ("momentum", "EMA momentum"),
@@ -117,21 +119,39 @@ def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
     return _save(fig, axes, len(panels), out)
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    flags.DEFINE_multi_string("workdir", None, "A pretraining run's --workdir; repeat it to compare runs.",
+                              flag_values=fv)
+    flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/metrics.png; required when comparing).", flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a missing or unreadable metrics.jsonl, or a bad --out, is one line."""
     del argv
     workdirs = FLAGS.workdir
+    if len(workdirs) > 1 and not FLAGS.out:
+        raise ValueError("Comparing several --workdir runs needs --out FILE.png.")
+    out = FLAGS.out or os.path.join(workdirs[0], "metrics.png")
+    bad_input.path_to_write(out, "--out", folder=False)
+
+    def records_of(workdir: str) -> list[dict]:
+        path = os.path.join(workdir, "metrics.jsonl")
+        try:
+            records = read_records(workdir)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON lines ({e}).") from e
+        if not records:
+            raise ValueError(f"{path} holds no records yet: nothing to plot.")
+        return records
+
     if len(workdirs) == 1:
-        out = FLAGS.out or os.path.join(workdirs[0], "metrics.png")
-        print(f"wrote {plot(read_records(workdirs[0]), out)}")
+        print(f"wrote {plot(records_of(workdirs[0]), out)}")
         return
-    if not FLAGS.out:
-        raise app.UsageError("Comparing several --workdir runs needs --out FILE.png.")
-    runs = {os.path.basename(os.path.normpath(w)): read_records(w) for w in workdirs}
-    print(f"wrote {plot_comparison(runs, FLAGS.out)}")
+    runs = {os.path.basename(os.path.normpath(w)): records_of(w) for w in workdirs}
+    print(f"wrote {plot_comparison(runs, out)}")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_multi_string("workdir", None, "A pretraining run's --workdir; repeat it to compare runs.")
-    flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/metrics.png; required when comparing).")
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from ijepa_jax import masks
+from ijepa_jax import bad_input, config_lib, masks
 from ijepa_jax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
@@ -55,11 +55,26 @@ def render(batch: dict, grid: int, num_images: int, panel: int) -> Image.Image:
     return canvas
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True,
+                                    flag_values=fv)
+    flags.DEFINE_string("out", "masks.png", "Output PNG.", flag_values=fv)
+    flags.DEFINE_integer("num_images", 8, "Images to show (rows).", flag_values=fv)
+    flags.DEFINE_integer("panel_size", 160, "Pixel size of each panel.", flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad flag, config, dataset or --out is one line."""
     del argv
+    if FLAGS.num_images < 1 or FLAGS.panel_size < 8:
+        raise ValueError(f"--num_images={FLAGS.num_images} must be >= 1 and --panel_size={FLAGS.panel_size} >= 8.")
+    bad_input.path_to_write(FLAGS.out, "--out", folder=False)
     config = ml_collections.ConfigDict(FLAGS.config.to_dict())
-    config.data.batch_size = max(FLAGS.num_images, 1)  # one batch: target sizes are drawn per batch
+    config.data.batch_size = FLAGS.num_images  # one batch: target sizes are drawn per batch
     config.data.augment_on = "host"  # the same pixels as the device path, without devices
+    config_lib.validate_on_host(config)
     spec = masks.resolve_spec(config)
     source = sources.make_source(config.data)
     ds = pipeline.pretrain_dataset(source, config.data, spec, seed=config.seed)
@@ -73,9 +88,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_string("out", "masks.png", "Output PNG.")
-    flags.DEFINE_integer("num_images", 8, "Images to show (rows).")
-    flags.DEFINE_integer("panel_size", 160, "Pixel size of each panel.")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)
