@@ -236,6 +236,10 @@ CASES = {
         r"data\.crop_size=16 is not divisible by model\.patch_size=0",
     ),
     "memory bad mesh": (memory, lambda t: ["--config", SMOKE, "--mesh=model=2"], r"--mesh='model=2': expected e\.g\."),
+    "memory misspelt key (an unlocked config)": (
+        memory, lambda t: ["--config", SMOKE, "--config.model.remat_polcy=dots"],
+        r"did you mean --config\.model\.remat_policy\?",
+    ),
     "memory negative batch": (
         memory, lambda t: ["--config", SMOKE, "--batch_per_device=-1"], r"--batch_per_device=-1 must be >= 1",
     ),
