@@ -134,6 +134,10 @@ def default_config() -> ml_collections.ConfigDict:
         loss="smooth_l1",  # 'smooth_l1' (reference code) or 'l2' (paper text)
         var_cov_weight=0.0,  # > 0: add VICReg's variance/covariance terms on the context features (not I-JEPA)
         sigreg_weight=0.0,  # > 0: add LeJEPA's SIGReg on the context features (not I-JEPA)
+        # Targets from the last K target-encoder blocks, each instance-normalised, averaged, layer-normed
+        # (data2vec 2.0); 1: the reference's (the final output, layer-normed). step.target_features.
+        target_layers=1,
+        pooled_target_weight=0.0,  # > 0: the mean context feature regresses the mean target (not I-JEPA)
     )
     return c
 
@@ -253,7 +257,8 @@ def parse_config_arg(arg: str, choices, default: str) -> tuple[str, bool]:
 # Real-valued keys: each a finite number (inf and nan pass every comparison-based range check below).
 NUMBERS = (
     "optim.lr", "optim.start_lr", "optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.b1",
-    "optim.b2", "optim.eps", "optim.var_cov_weight", "optim.sigreg_weight", "optim.ipe_scale", "optim.epochs",
+    "optim.b2", "optim.eps", "optim.var_cov_weight", "optim.sigreg_weight", "optim.pooled_target_weight",
+    "optim.ipe_scale", "optim.epochs",
     "optim.warmup_epochs", "data.color_jitter_strength", "eval.knn_temperature",
 )
 # (low, high) pairs of finite numbers.
@@ -435,9 +440,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ValueError(f"optim.weight_decay={o.weight_decay} and final_weight_decay={o.final_weight_decay} must be >= 0.")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0):
         raise ValueError(f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1), optim.eps={o.eps} > 0.")
-    for name in ("var_cov_weight", "sigreg_weight"):
+    for name in ("var_cov_weight", "sigreg_weight", "pooled_target_weight"):
         if o[name] < 0:
             raise ValueError(f"optim.{name}={o[name]} must be >= 0 (0: off, the reference's loss).")
+    depth = vit.VIT_SIZES[m.name][1]
+    if not 1 <= o.target_layers <= depth:
+        raise ValueError(
+            f"optim.target_layers={o.target_layers}: the targets average the last K of {m.name}'s {depth} blocks; "
+            f"give 1 (the reference) to {depth}."
+        )
     if o.ipe_scale <= 0:
         raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
     if config.total_steps == 0 or config.total_steps < -1:

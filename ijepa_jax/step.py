@@ -41,6 +41,8 @@ class Models:
     loss: str = "smooth_l1"
     var_cov_weight: float = 0.0  # > 0: an anti-collapse term (not in the reference; see var_cov_penalty)
     sigreg_weight: float = 0.0  # > 0: another one (not in the reference; see sigreg)
+    target_layers: int = 1  # > 1: data2vec 2.0's targets from the last K blocks (see target_features)
+    pooled_target_weight: float = 0.0  # > 0: the pooled context features regress the pooled target
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -53,6 +55,8 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         loss=config.optim.loss,
         var_cov_weight=config.optim.var_cov_weight,
         sigreg_weight=config.optim.sigreg_weight,
+        target_layers=config.optim.get("target_layers", 1),
+        pooled_target_weight=config.optim.get("pooled_target_weight", 0.0),
     )
 
 
@@ -118,7 +122,9 @@ def loss_fn(params, target_params, batch, models: Models, step=0) -> jax.Array:
 
 def total_loss(terms: dict, models: Models) -> jax.Array:
     loss = terms["prediction_loss"]
-    for name, weight in (("var_cov_penalty", models.var_cov_weight), ("sigreg", models.sigreg_weight)):
+    weights = (("var_cov_penalty", models.var_cov_weight), ("sigreg", models.sigreg_weight),
+               ("pooled_target_loss", models.pooled_target_weight))
+    for name, weight in weights:
         if name in terms:
             loss = loss + weight * terms[name]
     return loss
@@ -128,23 +134,19 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     """{'prediction_loss': I-JEPA's loss, plus 'var_cov_penalty' / 'sigreg' when their weights are > 0},
     unweighted. `step` seeds SIGReg's random directions."""
     images = normalize(batch["images"], models.mean, models.std)
-    # Targets: the EMA encoder sees the whole image; features are LayerNorm-ed
-    # without affine (torch default eps 1e-5) and carry no gradient.
-    h = models.encoder.apply({"params": target_params}, images)
-    h = jax.nn.standardize(h.astype(jnp.float32), axis=-1, epsilon=1e-5)
-    targets = jax.lax.stop_gradient(gather_targets(h, batch["target_idx"]))
+    h = jax.lax.stop_gradient(target_features(target_params, images, models))
+    targets = gather_targets(h, batch["target_idx"])
 
     z = encode_context(params, images, batch, models)
     pred = predict_from_context(params, z, batch, models).astype(jnp.float32)
 
-    if models.loss == "smooth_l1":
-        per_elem = optax.huber_loss(pred, targets, delta=1.0)  # == smooth L1 with beta 1
-    else:
-        per_elem = optax.squared_error(pred, targets)
     valid = batch["target_valid"].astype(jnp.float32)
-    per_token = per_elem.mean(-1)
+    per_token = regression_loss(pred, targets, models.loss)
     terms = {"prediction_loss": (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
     z = z.astype(jnp.float32)
+    if models.pooled_target_weight > 0:
+        # The probe reads pooled features: train them directly, the context's mean predicting the image's.
+        terms["pooled_target_loss"] = regression_loss(pool_valid(z, batch["context_valid"]), h.mean(1), models.loss).mean()
     if models.var_cov_weight > 0:
         terms["var_cov_penalty"] = var_cov_penalty(z, batch["context_valid"])
     if models.sigreg_weight > 0:
@@ -152,6 +154,29 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
         directions = sigreg_directions(jax.random.fold_in(jax.random.key(0), step), pooled.shape[-1])
         terms["sigreg"] = sigreg(pooled, directions)
     return terms
+
+
+def target_features(target_params, images, models: Models) -> jax.Array:
+    """What the predictor regresses, at every patch: (B, N, D) float32.
+
+    Reference (target_layers=1): the EMA encoder's output LayerNorm-ed without affine (torch's default
+    eps 1e-5). data2vec 2.0 (K = target_layers > 1): each of the last K blocks' outputs instance-normalised
+    (per channel, over the tokens), their mean, then LayerNorm-ed without affine (fairseq data2vec2.py
+    make_targets with instance_norm_target_layer and layer_norm_targets).
+    """
+    if models.target_layers <= 1:
+        h = models.encoder.apply({"params": target_params}, images)
+        return jax.nn.standardize(h.astype(jnp.float32), axis=-1, epsilon=1e-5)
+    _, layers = models.encoder.apply({"params": target_params}, images, keep_layers=models.target_layers)
+    layers = jax.nn.standardize(layers.astype(jnp.float32), axis=2, epsilon=1e-5)  # (K, B, N, D): over N
+    return jax.nn.standardize(layers.mean(0), axis=-1, epsilon=1e-5)
+
+
+def regression_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+    """Per-vector loss, the mean over the last axis: smooth L1 (beta 1, the reference code) or squared error."""
+    if kind == "smooth_l1":
+        return optax.huber_loss(pred, target, delta=1.0).mean(-1)  # == smooth L1 with beta 1
+    return optax.squared_error(pred, target).mean(-1)
 
 
 def pool_valid(z: jax.Array, valid: jax.Array) -> jax.Array:

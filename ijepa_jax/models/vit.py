@@ -128,6 +128,7 @@ class Block(nn.Module):
     attention_impl: str | None = None
     mask_is_prefix: bool = False
     activation_sharding: Any = None
+    emit_output: bool = False  # also return x as the scan's per-layer output (data2vec-style targets)
 
     @nn.compact
     def __call__(self, x, key_mask):
@@ -140,7 +141,7 @@ class Block(nn.Module):
         x = x + attn(y, key_mask)
         y = norm(name="norm2")(x)
         x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)
-        return x, None
+        return x, (x if self.emit_output else None)
 
 
 class BlockStack(nn.Module):
@@ -163,7 +164,9 @@ class BlockStack(nn.Module):
     activation_sharding: Any = None  # a batch sharding to constrain each block's input to (FSDP meshes)
 
     @nn.compact
-    def __call__(self, x, key_mask):
+    def __call__(self, x, key_mask, keep_layers: int = 0):
+        """x after the blocks; with `keep_layers` = k > 0, (x, the last k blocks' outputs stacked (k, ...)).
+        Scanned, every block's output is kept and the last k sliced (memory: depth x activations)."""
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(Block, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat_policy])
@@ -174,6 +177,7 @@ class BlockStack(nn.Module):
             attention_impl=self.attention_impl,
             mask_is_prefix=self.mask_is_prefix,
             activation_sharding=self.activation_sharding,
+            emit_output=keep_layers > 0,
         )
         if self.scan:
             scanned = nn.scan(
@@ -183,11 +187,15 @@ class BlockStack(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.depth,
             )
-            x, _ = scanned(**kwargs, name="blocks")(x, key_mask)
+            x, outputs = scanned(**kwargs, name="blocks")(x, key_mask)
         else:
+            outputs = []
             for i in range(self.depth):
-                x, _ = block_cls(**kwargs, name=f"blocks_{i}")(x, key_mask)
-        return x
+                x, out = block_cls(**kwargs, name=f"blocks_{i}")(x, key_mask)
+                outputs.append(out)
+        if keep_layers <= 0:
+            return x
+        return x, (outputs[-keep_layers:] if self.scan else jnp.stack(outputs[-keep_layers:]))
 
 
 class Encoder(nn.Module):
@@ -214,7 +222,8 @@ class Encoder(nn.Module):
     activation_sharding: Any = None
 
     @nn.compact
-    def __call__(self, images, token_idx=None, token_valid=None):
+    def __call__(self, images, token_idx=None, token_valid=None, keep_layers: int = 0):
+        """With `keep_layers` = k > 0: (output, the last k blocks' outputs before the final norm, (k, B, N, D))."""
         p = self.patch_size
         x = nn.Conv(
             self.embed_dim,
@@ -244,8 +253,12 @@ class Encoder(nn.Module):
             mask_is_prefix=True,  # masks.py packs each context's valid tokens first
             activation_sharding=self.activation_sharding,
             name="stack",
-        )(x, token_valid)
-        return nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, name="norm")(x)
+        )(x, token_valid, keep_layers)
+        final_norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, name="norm")
+        if keep_layers > 0:
+            x, layers = x
+            return final_norm(x), layers
+        return final_norm(x)
 
 
 class Predictor(nn.Module):

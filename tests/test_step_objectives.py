@@ -1,0 +1,147 @@
+"""Optional I-JEPA objectives (off in the reference configs), each against an independent float64 numpy
+oracle built on test_step_golden.py's: data2vec 2.0 targets from the last K blocks
+(optim.target_layers) and the pooled-target term (optim.pooled_target_weight)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import test_step_golden as golden
+
+from ijepa_jax import checkpoint, optim
+from ijepa_jax import step as step_lib
+
+
+def instance_norm(x, eps=1e-5):
+    """torch.nn.functional.instance_norm on (tokens, channels): per channel, over the tokens, biased var."""
+    mu = x.mean(0, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(0, keepdims=True) + eps)
+
+
+def numpy_block_outputs(image, p):
+    """Every block's output of the encoder on one uint8 image (no final norm): a list of (N, D)."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = (image.astype(np.float64) / 255.0 - mean) / std
+    kernel = p["patch_embed"]["kernel"]
+    g, s = golden.GRID, golden.PATCH
+    patches = x.reshape(g, s, g, s, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, -1)
+    x = patches @ kernel.reshape(-1, kernel.shape[-1]) + p["patch_embed"]["bias"]
+    x = x + golden.sincos_table(x.shape[-1], g, g)
+    outputs = []
+    for i in range(golden.ENC_DEPTH):
+        x = golden.block(x, p["stack"][f"blocks_{i}"], golden.HEADS)
+        outputs.append(x)
+    return outputs
+
+
+def numpy_targets(image, p, k):
+    """data2vec 2.0: the last k blocks' outputs instance-normalised, averaged, then layer-normed (no affine)."""
+    if k == 1:
+        return golden.layer_norm(golden.encode(image, p), eps=1e-5)
+    layers = numpy_block_outputs(image, p)[-k:]
+    return golden.layer_norm(np.mean([instance_norm(x) for x in layers], axis=0), eps=1e-5)
+
+
+def numpy_loss(params, target_params, batch, k=1, pooled_weight=0.0):
+    """The objective in float64, image by image: golden.oracle_loss's token loss with `k`-layer targets,
+    plus pooled_weight x smooth-L1(mean of the context features, mean of all N targets)."""
+    f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    enc, pred, tgt_enc = f64(params["encoder"]), f64(params["predictor"]), f64(target_params)
+    total, count, pooled = 0.0, 0, []
+    for b in range(batch["images"].shape[0]):
+        image = batch["images"][b]
+        ctx = batch["context_idx"][b][batch["context_valid"][b]]
+        h = numpy_targets(image, tgt_enc, k)
+        z = golden.encode(image, enc, keep=ctx)
+        for m in range(batch["target_idx"].shape[1]):
+            tgt = batch["target_idx"][b, m][batch["target_valid"][b, m]]
+            total += golden.smooth_l1(golden.predict(z, ctx, tgt, pred) - h[tgt]).mean(-1).sum()
+            count += len(tgt)
+        pooled.append(golden.smooth_l1(z.mean(0) - h.mean(0)).mean())
+    return total / count + pooled_weight * np.mean(pooled)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    config = golden.make_config()
+    models = step_lib.make_models(config, golden.GRID)
+    tx = optim.make_optimizer(config.optim, optim.make_schedules(config.optim, golden.STEPS_PER_EPOCH))
+    params = golden.numpy_params(golden.param_shapes(models, tx), seed=1)
+    target = golden.perturbed_copy(params["encoder"], seed=2)
+    return models, params, target, golden.make_batch(0)
+
+
+def test_data2vec_targets_match_numpy(problem):
+    models, params, target, batch = problem
+    images = step_lib.normalize(batch["images"], models.mean, models.std)
+    got = step_lib.target_features(target, images, dataclasses.replace(models, target_layers=2))
+    f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), target)
+    want = np.stack([numpy_targets(image, f64, 2) for image in batch["images"]])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    # Not the reference targets: the option changes what is predicted.
+    reference = np.asarray(step_lib.target_features(target, images, models))
+    assert np.abs(reference - want).max() > 0.1
+
+
+@pytest.mark.parametrize("k,pooled_weight", [(1, 0.0), (2, 0.0), (1, 0.5), (2, 0.01)])
+def test_loss_with_each_option_matches_numpy(problem, k, pooled_weight):
+    models, params, target, batch = problem
+    models = dataclasses.replace(models, target_layers=k, pooled_target_weight=pooled_weight)
+    got = float(step_lib.loss_fn(params, target, batch, models))
+    assert got == pytest.approx(numpy_loss(params, target, batch, k, pooled_weight), rel=golden.LOSS_RTOL * 5)
+
+
+def test_the_pooled_term_is_logged_and_has_a_gradient_only_into_the_online_encoder(problem):
+    models, params, target, batch = problem
+    models = dataclasses.replace(models, pooled_target_weight=1.0)
+    terms = step_lib.loss_terms(params, target, batch, models)
+    assert set(terms) == {"prediction_loss", "pooled_target_loss"}
+    only_pooled = lambda p, t: step_lib.loss_terms(p, t, batch, models)["pooled_target_loss"]  # noqa: E731
+    grad_params, grad_target = jax.grad(only_pooled, argnums=(0, 1))(params, target)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grad_target))
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grad_params["predictor"]))
+    assert float(jnp.abs(grad_params["encoder"]["patch_embed"]["kernel"]).max()) > 0
+
+
+def test_scanned_encoder_keeps_the_same_last_layers(problem):
+    """keep_layers through nn.scan equals the unrolled stack's (the reference configs scan)."""
+    models, _, target, batch = problem
+    config = golden.make_config()
+    config.model.scan_layers = True
+    scanned = step_lib.make_models(config, golden.GRID).encoder
+    stacked = {**target, "stack": {"blocks": jax.tree.map(lambda *x: jnp.stack(x), *[
+        target["stack"][f"blocks_{i}"] for i in range(golden.ENC_DEPTH)])}}
+    assert jax.tree.structure(checkpoint.unstack_blocks(stacked)) == jax.tree.structure(target)
+    images = step_lib.normalize(batch["images"], models.mean, models.std)
+    _, unrolled_layers = models.encoder.apply({"params": target}, images, keep_layers=2)
+    _, scanned_layers = scanned.apply({"params": stacked}, images, keep_layers=2)
+    np.testing.assert_allclose(np.asarray(scanned_layers), np.asarray(unrolled_layers), rtol=1e-5, atol=1e-5)
+
+
+def test_a_train_step_with_both_options_logs_each_term():
+    """Through train.build: the config keys reach the step, which logs the parts of the sum."""
+    from conftest import small_config
+
+    from ijepa_jax import train
+
+    exp = train.build(small_config(**{"optim.target_layers": 2, "optim.pooled_target_weight": 0.1}))
+    with train.train_batches(exp) as batches:
+        _, metrics = exp.train_step(exp.init(), next(batches))
+    parts = float(metrics["prediction_loss"]) + 0.1 * float(metrics["pooled_target_loss"])
+    assert float(metrics["loss"]) == pytest.approx(parts, rel=1e-6) and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"optim.target_layers": 0}, "give 1 \\(the reference\\) to 2"),
+    ({"optim.target_layers": 3}, "last K of vit_micro's 2 blocks"),
+    ({"optim.pooled_target_weight": -1.0}, "pooled_target_weight=-1.0 must be >= 0"),
+])
+def test_out_of_range_settings_are_refused(overrides, match):
+    from conftest import small_config
+
+    from ijepa_jax import config_lib
+
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(small_config(**overrides), jax.device_count())
