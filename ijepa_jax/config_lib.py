@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
         context_tokens=-1,  # K context tokens per image; -1: mean reference batch minimum
         auto_context_batch=128,  # per-GPU batch of the reference, for context_tokens=-1
         pad_multiple=-1,  # round K and T up to a multiple of this (extra slots masked); -1: 8 for cuDNN, else 1
+        sets=1,  # > 1: independent mask sets per image sharing one target-encoder pass (data2vec 2.0; not I-JEPA)
     )
     c.checkpoint = dict(
         every_steps=1000,  # save every N steps (0: only at the end and on preemption)
@@ -322,6 +323,8 @@ def validate_masks(config: ml_collections.ConfigDict) -> None:
     """What the mask sampler needs (tools/mask_stats checks only this): the grid and the mask.* keys."""
     _validate_numbers(config)
     validate_grid(config)
+    if config.mask.sets < 1:
+        raise ValueError(f"mask.sets={config.mask.sets} must be >= 1 (1: one mask set per image, the reference).")
     if config.mask.auto_context_batch < 1:
         raise ValueError(f"mask.auto_context_batch={config.mask.auto_context_batch} must be >= 1.")
     masks.validate(masks.MaskSpec.from_config(config))

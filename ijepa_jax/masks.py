@@ -57,6 +57,7 @@ class MaskSpec:
     mode: str = "reference"
     context_tokens: int = -1  # K; -1: resolve with `auto_context_tokens`
     pad_multiple: int = 1  # array lengths are rounded up to a multiple of this
+    sets: int = 1  # S > 1: S independent mask sets per image (one target-encoder pass serves them all)
 
     @classmethod
     def from_config(cls, config) -> "MaskSpec":
@@ -76,6 +77,7 @@ class MaskSpec:
             mode=m.mode,
             context_tokens=m.context_tokens,
             pad_multiple=resolve_pad_multiple(config),
+            sets=m.get("sets", 1),
         )
 
     @property
@@ -270,6 +272,14 @@ class MaskSampler:
         if with_stats:
             out["context_count"] = count
         return out
+
+    def sample_sets(self, rng: np.random.Generator, batch_size: int) -> dict:
+        """What a training batch carries: `sample`'s arrays, or with `spec.sets` = S > 1, S independent
+        draws (block sizes too) stacked on a new axis 1: context (B, S, Kp), targets (B, S, M, Tp)."""
+        if self.spec.sets == 1:
+            return self.sample(rng, batch_size)
+        draws = [self.sample(rng, batch_size) for _ in range(self.spec.sets)]
+        return {k: np.stack([d[k] for d in draws], axis=1) for k in draws[0]}
 
     def _sample_context(self, rng, b, ch, cw, target_masks) -> np.ndarray:
         """(B, N) context masks: a block minus the targets, with > min_keep patches.

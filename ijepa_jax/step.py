@@ -4,6 +4,7 @@ Batch layout (see ijepa_jax/masks.py for the static-shape policy):
   images        uint8 (B, H, W, 3), normalised inside the step
   context_idx   int32 (B, K)     context_valid bool (B, K)
   target_idx    int32 (B, M, T)  target_valid  bool (B, M, T)
+                (with mask.sets = S > 1, an S axis after B: (B, S, K), (B, S, M, T))
   skipped       int32 (B,), optional: unreadable images replaced by the pipeline
 """
 
@@ -70,8 +71,8 @@ def init_state(rng: jax.Array, models: Models, tx: optax.GradientTransformation,
     """Fresh state; `batch_shapes` maps batch keys to ShapeDtypeStructs (only shapes are used)."""
     k_enc, k_pred = jax.random.split(rng)
     images = jnp.zeros((1,) + batch_shapes["images"].shape[1:], jnp.float32)
-    ctx_idx = jnp.zeros((1,) + batch_shapes["context_idx"].shape[1:], jnp.int32)
-    tgt_idx = jnp.zeros((1,) + batch_shapes["target_idx"].shape[1:], jnp.int32)
+    ctx_idx = jnp.zeros((1,) + batch_shapes["context_idx"].shape[-1:], jnp.int32)  # one mask set's shapes
+    tgt_idx = jnp.zeros((1,) + batch_shapes["target_idx"].shape[-2:], jnp.int32)
     enc_params = models.encoder.init(k_enc, images)["params"]
     context = jnp.zeros(ctx_idx.shape + (models.encoder.embed_dim,), jnp.float32)
     pred_params = models.predictor.init(
@@ -135,6 +136,7 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     unweighted. `step` seeds SIGReg's random directions."""
     images = normalize(batch["images"], models.mean, models.std)
     h = jax.lax.stop_gradient(target_features(target_params, images, models))
+    images, h, batch = per_mask_set(images, h, batch)
     targets = gather_targets(h, batch["target_idx"])
 
     z = encode_context(params, images, batch, models)
@@ -154,6 +156,20 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
         directions = sigreg_directions(jax.random.fold_in(jax.random.key(0), step), pooled.shape[-1])
         terms["sigreg"] = sigreg(pooled, directions)
     return terms
+
+
+MASK_KEYS = ("context_idx", "context_valid", "target_idx", "target_valid")
+
+
+def per_mask_set(images, h, batch: dict) -> tuple:
+    """With S mask sets per image (context (B, S, K)): images and targets repeated S times and the masks
+    flattened, so each (image, set) is one example of the context encoder and predictor; the target
+    encoder ran once per image. With one set, unchanged."""
+    if batch["context_idx"].ndim == 2:
+        return images, h, batch
+    sets = batch["context_idx"].shape[1]
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k in MASK_KEYS}
+    return jnp.repeat(images, sets, axis=0), jnp.repeat(h, sets, axis=0), {**batch, **flat}
 
 
 def target_features(target_params, images, models: Models) -> jax.Array:

@@ -34,12 +34,13 @@ def batch_shapes(config, spec: masks.MaskSpec) -> dict:
     """Global shapes of one batch (what the step is compiled for)."""
     b, s = config.data.batch_size, config.data.crop_size
     k, m, t = spec.context_len, spec.num_targets, spec.target_len
+    sets = (spec.sets,) if spec.sets > 1 else ()  # mask.sets > 1: an axis of mask sets per image
     return {
         "images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-        "context_idx": jax.ShapeDtypeStruct((b, k), jnp.int32),
-        "context_valid": jax.ShapeDtypeStruct((b, k), jnp.bool_),
-        "target_idx": jax.ShapeDtypeStruct((b, m, t), jnp.int32),
-        "target_valid": jax.ShapeDtypeStruct((b, m, t), jnp.bool_),
+        "context_idx": jax.ShapeDtypeStruct((b, *sets, k), jnp.int32),
+        "context_valid": jax.ShapeDtypeStruct((b, *sets, k), jnp.bool_),
+        "target_idx": jax.ShapeDtypeStruct((b, *sets, m, t), jnp.int32),
+        "target_valid": jax.ShapeDtypeStruct((b, *sets, m, t), jnp.bool_),
     }
 
 

@@ -145,3 +145,49 @@ def test_out_of_range_settings_are_refused(overrides, match):
 
     with pytest.raises(ValueError, match=match):
         config_lib.validate(small_config(**overrides), jax.device_count())
+
+
+# mask.sets: several mask sets per image sharing one target-encoder pass (data2vec 2.0's clone_batch)
+
+
+def two_set_batch():
+    """golden.make_batch(0)'s images with two mask sets: its own masks and make_batch(1)'s."""
+    a, b = golden.make_batch(0), golden.make_batch(1)
+    multi = {"images": a["images"]}
+    multi.update({k: np.stack([a[k], b[k]], axis=1) for k in step_lib.MASK_KEYS})
+    expanded = {"images": np.repeat(a["images"], 2, axis=0)}
+    expanded.update({k: multi[k].reshape((-1,) + multi[k].shape[2:]) for k in step_lib.MASK_KEYS})
+    return multi, expanded
+
+
+@pytest.mark.parametrize("k,pooled_weight", [(1, 0.0), (2, 0.1)])
+def test_two_mask_sets_give_the_loss_of_each_image_repeated_with_each_set(problem, k, pooled_weight):
+    """The oracle sees a batch of B x S examples (each image once per set): the same mean over every valid
+    target token, and the same pooled term."""
+    models, params, target, _ = problem
+    models = dataclasses.replace(models, target_layers=k, pooled_target_weight=pooled_weight)
+    multi, expanded = two_set_batch()
+    got = float(step_lib.loss_fn(params, target, multi, models))
+    assert got == pytest.approx(numpy_loss(params, target, expanded, k, pooled_weight), rel=golden.LOSS_RTOL * 5)
+
+
+def test_mask_sets_share_one_target_encoder_pass(problem):
+    """XLA's FLOP count: B images with 2 sets cost less than 2B images with 1 set, by the target pass."""
+    models, params, target, _ = problem
+    multi, expanded = two_set_batch()
+    flops = lambda batch: jax.jit(step_lib.loss_fn, static_argnums=3).lower(  # noqa: E731
+        params, target, batch, models).compile().cost_analysis()["flops"]
+    shared, separate = flops(multi), flops(expanded)
+    assert shared < 0.9 * separate, (shared, separate)
+
+
+def test_the_sampler_draws_independent_sets_on_a_new_axis():
+    from ijepa_jax import masks
+
+    spec = masks.MaskSpec(grid_h=8, grid_w=8, num_targets=2, min_keep=4, mode="corrected", context_tokens=12, sets=3)
+    out = masks.MaskSampler(spec).sample_sets(np.random.default_rng(0), 5)
+    assert out["context_idx"].shape == (5, 3, 12) and out["target_idx"].shape[:3] == (5, 3, 2)
+    assert not np.array_equal(out["target_idx"][:, 0], out["target_idx"][:, 1])
+    one = masks.MaskSampler(dataclasses.replace(spec, sets=1))
+    for key, value in one.sample_sets(np.random.default_rng(0), 5).items():
+        np.testing.assert_array_equal(value, one.sample(np.random.default_rng(0), 5)[key])

@@ -58,7 +58,7 @@ class SampleMasks(grain.transforms.RandomMap):
 
     def random_map(self, batch, rng: np.random.Generator):
         rng = np.random.default_rng([int(rng.integers(2**62)), self.process_index])
-        return {**batch, **self.sampler.sample(rng, len(batch["skipped"]))}
+        return {**batch, **self.sampler.sample_sets(rng, len(batch["skipped"]))}
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:

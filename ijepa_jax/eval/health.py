@@ -89,8 +89,10 @@ def compute_health(params, target_params, batch: dict, models: step_lib.Models) 
     h = models.encoder.apply({"params": target_params}, images).astype(jnp.float32)  # (B, N, D), after its LayerNorm
     b, n, d = h.shape
     pooled = h.mean(1)
-    # The loss's targets: LayerNorm without affine, gathered at the target blocks.
-    targets = step_lib.gather_targets(jax.nn.standardize(h, axis=-1, epsilon=1e-5), batch["target_idx"])
+    # The loss's targets, gathered at the target blocks of every mask set.
+    features = step_lib.target_features(target_params, images, models)
+    images, features, batch = step_lib.per_mask_set(images, features, batch)
+    targets = step_lib.gather_targets(features, batch["target_idx"])
     pred = step_lib.predict(params, images, batch, models)
     valid = batch["target_valid"]
     return {
