@@ -1,0 +1,37 @@
+"""The I-JEPA objective options against the current best, on CIFAR-100 (issue: a recipe that learns).
+
+On the 100-images-per-class subset (the ranking protocol of docs/results.md: 10,000 images, 39 steps
+an epoch, 10 epochs), on a CPU:
+
+    python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny --workdir runs/objectives \
+        --sweep configs/sweeps/cifar100_objectives.py --config.data.max_samples_per_class=100 \
+        --config.checkpoint.every_steps=39
+
+On all 50,000 images, on one GPU (docs/gpu_sweep.md), the same file with launch/gpu_sweep.sh.
+Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
+adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the target
+encoder stays at its initialisation: EMA momentum 1). The options (docs/reference-parity.md 8-9, and
+mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the pooled-target term, 4 mask sets
+per image sharing one target pass. POINTS names each point's overrides, SHARED those every point
+gets; see docs/sweeps.md.
+"""
+
+CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
+
+SHARED = {
+    "eval.every_epochs": 2,  # the k-NN monitor: a collapse alarm, not a ranking (docs/results.md)
+    "eval.monitor_train_samples_per_class": 50,
+    "eval.monitor_test_samples_per_class": 20,
+    "eval.health_every_steps": 78,
+    "checkpoint.export_at_end": False,
+}
+
+POINTS = {
+    "d2v4_pooled": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1},
+    "control": CONTROL,
+    "d2v4": {**CONTROL, "optim.target_layers": 4},
+    "pooled": {**CONTROL, "optim.pooled_target_weight": 0.1},
+    "sets4": {**CONTROL, "mask.sets": 4},
+    "d2v4_pooled_sets4": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1, "mask.sets": 4},
+    "frozen_target": {"optim.ema": (1.0, 1.0)},
+}
