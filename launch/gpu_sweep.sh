@@ -132,7 +132,7 @@ echo "gpu_sweep: $SWEEP on $CONFIG in $SWEEP_DIR, $(( DEADLINE - $(date +%s) )) 
 timeout -s TERM -k 30 "$HARD" "$PY" launch/budget_sweep.py --config "$CONFIG" --workdir "$SWEEP_DIR" \
   --sweep "$SWEEP" --protocols "$PROTOCOLS" --deadline "$DEADLINE" --out "$OUT_DIR" \
   --config.model.dtype=bfloat16 --config.data.augment_on=device --config.data.num_workers="$WORKERS" \
-  --first_point_s "$FIRST_POINT" --config.compilation_cache_dir="$WORK/jax_cache" "${DATA_FLAGS[@]}" "${EXTRA[@]}"
+  --first_point_s "$FIRST_POINT" --config.compilation_cache_dir="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}" "${DATA_FLAGS[@]}" "${EXTRA[@]}"
 rc=$?
 case $rc in
   0) echo "gpu_sweep: every point finished in $(( $(date +%s) - START )) s; results in $OUT_DIR" ;;

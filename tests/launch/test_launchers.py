@@ -2,13 +2,21 @@
 
 What reaches a worker must be exactly the arguments given (quoting), the run
 must be detached with a log per worker, and SLURM tasks must get their CPUs
-and a decode-worker count that fits them.
+and a decode-worker count that fits them. The one-call GPU sweep runs here on
+the CPU (smoke config, generated images), its budget on a fake clock; the
+CIFAR-100 parts make a round trip through split, status and join.
 """
 
+import hashlib
+import importlib.util
 import json
 import os
+import runpy
+import shutil
 import stat
 import subprocess
+import sys
+import tarfile
 import time
 
 import pytest
@@ -124,3 +132,195 @@ def test_slurm_tasks_get_their_cpus_and_a_worker_count_that_fits(tmp_path):
 def test_slurm_keeps_a_worker_count_given_on_the_command_line(tmp_path):
     argv = run_sbatch(tmp_path, "configs/in1k_vith14.py", "/shared/run", "--config.data.num_workers=2")
     assert [a for a in argv if "num_workers" in a] == ["--config.data.num_workers=2"]
+
+
+# --- launch/gpu_sweep.sh, launch/budget_sweep.py, launch/cifar_parts.sh ---------------------------------------
+
+SMOKE = ["--sweep", "configs/sweeps/smoke.py", "--config", "configs/cifar100.py:vit_tiny,smoke", "--data", "synthetic",
+         "--workers", "0", "--protocols", "knn"]
+
+
+def gpu_sweep(tmp_path, *args, timeout=600):
+    """launch/gpu_sweep.sh on this CPU (one device, this interpreter), work and out folders in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT")}
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+    return subprocess.run(["bash", "launch/gpu_sweep.sh", "--work", str(tmp_path / "work"), "--out",
+                           str(tmp_path / "out"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """The two points of configs/sweeps/smoke.py through launch/gpu_sweep.sh (about 45 s here)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_sweep")
+    return tmp_path, gpu_sweep(tmp_path, *SMOKE, "--budget_s", "500", "--first_point_s", "1")
+
+
+def test_gpu_sweep_runs_a_smoke_sweep_into_out(smoke_sweep):
+    tmp_path, proc = smoke_sweep
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads(proc.stdout.splitlines()[0])  # the environment comes first
+    assert first["check"] == "environment" and first["devices"] == ["cpu"] and first["jax"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["environment.json", "gpu_sweep.log", "points.tar.gz",
+                                                     "summary.jsonl", "summary.md", "summary.png"]
+    rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [r["point"] for r in rows] == ["random_init", "ema996", "ema98"]
+    assert all(r["step"] == 16 and "knn_k20" in r["top1"] for r in rows[1:])
+    assert "| ema98 |" in (out / "summary.md").read_text()
+    with tarfile.open(out / "points.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"ema996/metrics.jsonl", "ema98/metrics.jsonl", "ema98/sweep_row.json", "ema98/eval/results.json"} <= names
+    assert not any("checkpoints" in n or n.endswith(".npz") for n in names)
+    assert (out / "gpu_sweep.log").read_text() == proc.stdout  # stdout and stderr, both in the log
+    assert "every point finished" in proc.stdout
+
+
+def test_gpu_sweep_run_again_skips_every_finished_point(smoke_sweep):
+    """The second call of a finished sweep (the machine kept --work): nothing trained, the same table."""
+    tmp_path, proc = smoke_sweep
+    assert proc.returncode == 0
+    again = gpu_sweep(tmp_path, *SMOKE, "--budget_s", "500", "--first_point_s", "1")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert again.stdout.count("finished already, skipped") >= 2 and "step 1/" not in again.stdout
+    assert (tmp_path / "out" / "summary.jsonl").read_text().count("\n") == 3
+
+
+def test_gpu_sweep_starts_no_point_that_cannot_finish_in_the_budget(tmp_path):
+    proc = gpu_sweep(tmp_path, *SMOKE, "--budget_s", "300", "--first_point_s", "100000")
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    stop = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"gpu_sweep": "stop"')]
+    assert stop == [{"gpu_sweep": "stop", "reason": "budget", "before": "ema996", "left_s": stop[0]["left_s"],
+                     "estimate_s": 100000, "todo": ["ema996", "ema98"]}]
+    assert "run the same command again" in proc.stdout
+    assert not (tmp_path / "work" / "sweep_cifar100_vit_tiny_smoke_synthetic" / "ema996").exists()
+
+
+def test_gpu_sweep_refuses_bad_arguments_and_missing_data(tmp_path):
+    proc = gpu_sweep(tmp_path, "--budget", "5")
+    assert proc.returncode == 2 and "unknown argument: --budget" in proc.stderr
+    proc = gpu_sweep(tmp_path, "--data", str(tmp_path / "nothing"))
+    assert proc.returncode == 1 and "no CIFAR-100 in --data" in proc.stdout and "cifar_parts.sh join" in proc.stdout
+
+
+def load_budget_sweep():
+    spec = importlib.util.spec_from_file_location("budget_sweep", os.path.join(REPO_ROOT, "launch", "budget_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_sweep_stops_before_a_point_that_does_not_fit_and_continues_on_the_next_call(tmp_path, monkeypatch):
+    """Points that take 100 s on a fake clock, a 250 s budget: two run, the third would end past the deadline;
+    the next call (a new budget) runs the rest, skipping what is finished."""
+    budget_sweep = load_budget_sweep()
+    from conftest import small_config
+
+    from ijepa_jax.tools import sweep
+
+    planned = sweep.point_configs(small_config(), {}, {"a": {}, "b": {"seed": 1}, "c": {"seed": 2}})
+    now, ran = [1000.0], []
+
+    def fake_run_sweep(points, workdir, protocols, header=""):
+        for name, point in points.items():
+            row_file = tmp_path / name / sweep.ROW_FILE
+            if not row_file.exists():
+                now[0] += 100
+                ran.append(name)
+                row_file.parent.mkdir()
+                key = sweep.baseline_key(point.config, protocols)
+                row_file.write_text(json.dumps({"wall_s": 100, "baseline": key}))
+        return []
+
+    monkeypatch.setattr(budget_sweep.time, "time", lambda: now[0])
+    monkeypatch.setattr(budget_sweep.sweep, "run_sweep", fake_run_sweep)
+    status = budget_sweep.run(planned, str(tmp_path), ("knn",), "", deadline=1250, first_point_s=50, out="")
+    assert (status, ran) == (budget_sweep.STOPPED, ["a", "b"])  # c: 50 s left, 120 s estimated
+    status = budget_sweep.run(planned, str(tmp_path), ("knn",), "", deadline=now[0] + 150, first_point_s=50, out="")
+    assert (status, ran) == (0, ["a", "b", "c"])
+
+
+def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
+    """Every point validates and builds (on generated images, 2 steps); the halves are the full file's points."""
+    from ijepa_jax.tools import sweep
+
+    base = config_flags_file("configs/cifar100.py:vit_tiny")
+    base.update_from_flattened_dict({"data.source": "synthetic", "data.augment_on": "device", "total_steps": 2})
+    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, "configs/sweeps/cifar100_gpu_recipe.py"))
+    planned = sweep.point_configs(base, shared, points)
+    assert list(planned) == ["control", "reference", "ema99", "ema996", "targets2", "context28", "pred4", "pred8"]
+    assert planned["pred8"].config.model.pred_depth == 8 and planned["context28"].config.mask.context_tokens == 28
+    halves = [sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/cifar100_gpu_recipe_{h}.py"))
+              for h in ("ema", "shape")]
+    assert all(s == shared for s, _ in halves)
+    assert all(p[name] == points[name] for _, p in halves for name in p)
+    assert set(halves[0][1]) | set(halves[1][1]) == set(points) and "control" in halves[1][1]
+
+
+def config_flags_file(spec):
+    path, _, arg = spec.partition(":")
+    return runpy.run_path(os.path.join(REPO_ROOT, path))["get_config"](arg)
+
+
+def cifar_parts(*args, cwd):
+    return subprocess.run(["bash", os.path.join(REPO_ROOT, "launch", "cifar_parts.sh"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cifar_parts_round_trip_refusing_missing_and_damaged_parts(tmp_path):
+    """split in a git checkout (the parts folder ignored through .git/info/exclude), join elsewhere."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    blob = os.urandom(3 * 2**20 + 12345)
+    (data / "cifar-100-python.tar.gz").write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    (data / "SHA256SUMS").write_text(f"{digest}  cifar-100-python.tar.gz\n")
+    proc = cifar_parts("split", "--archive", str(data / "cifar-100-python.tar.gz"), "--max_mib", "1", cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    parts = repo / ".cifar_parts"
+    names = [f"cifar-100-python.tar.gz.part-{k}-of-4" for k in (1, 2, 3, 4)]
+    assert sorted(p.name for p in parts.iterdir()) == ["MANIFEST.sha256", *names]
+    assert all((parts / n).stat().st_size <= 2**20 for n in names)
+    assert f'call 4: carry [".cifar_parts/MANIFEST.sha256", ".cifar_parts/{names[3]}"]' in proc.stdout
+    assert "/.cifar_parts/" in (repo / ".git" / "info" / "exclude").read_text().splitlines()
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+
+    there = tmp_path / "there"  # the device machine's checkout: the manifest and parts 1, 2 and 4 arrived
+    (there / ".cifar_parts").mkdir(parents=True)
+    for n in ("MANIFEST.sha256", names[0], names[1], names[3]):
+        shutil.copy(parts / n, there / ".cifar_parts" / n)
+    assert cifar_parts("status", cwd=there).stdout.strip() == \
+        "cifar-100-python.tar.gz: parts here: 1 2 4 of 4; missing: 3"
+    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    assert proc.returncode == 1 and "missing: 3" in proc.stderr and names[2] in proc.stderr
+    assert not (tmp_path / "root" / "cifar-100-python.tar.gz").exists()
+
+    shutil.copy(parts / names[2], there / ".cifar_parts" / names[2])
+    damaged = bytearray((there / ".cifar_parts" / names[1]).read_bytes())
+    damaged[100] ^= 1
+    (there / ".cifar_parts" / names[1]).write_bytes(bytes(damaged))
+    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    assert proc.returncode == 1 and "damaged: 2" in proc.stderr
+
+    shutil.copy(parts / names[1], there / ".cifar_parts" / names[1])
+    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    assert proc.returncode == 0 and digest in proc.stdout
+    assert (tmp_path / "root" / "cifar-100-python.tar.gz").read_bytes() == blob
+    assert not list((tmp_path / "root").glob("*.partial"))
+    again = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    assert again.returncode == 0 and "there already" in again.stdout
+
+    empty = tmp_path / "cold"  # a fresh machine: nothing arrived
+    empty.mkdir()
+    proc = cifar_parts("join", cwd=empty)
+    assert proc.returncode == 1 and "none of the parts has arrived" in proc.stderr
+
+
+def test_cifar_parts_refuses_a_file_that_does_not_match_its_sha256sums(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"not the archive")
+    (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  cifar-100-python.tar.gz\n")
+    proc = cifar_parts("split", "--archive", str(tmp_path / "cifar-100-python.tar.gz"), "--dir",
+                       str(tmp_path / "parts"), cwd=tmp_path)
+    assert proc.returncode == 1 and "does not match" in proc.stderr and not (tmp_path / "parts").exists()
