@@ -37,12 +37,16 @@ import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from ijepa_jax import bad_input, checkpoint, config_lib, optim
 from ijepa_jax import step as step_lib
 from ijepa_jax.models import vit
 from ijepa_jax.weight_layouts import Arch
 from ijepa_jax.weight_sources import Source, load_source
+
+FLAGS = flags.FLAGS
 
 # A stored position table may differ from ours by float32 rounding of the reference's float64 table.
 POS_EMBED_ATOL = 1e-4
@@ -260,25 +264,28 @@ def summary_line(summary: dict, written: str) -> str:
     return f"{summary['format']} checkpoint: {model}{pred}{epoch}; wrote {written} in {summary['seconds']:.1f} s"
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    flags.DEFINE_string("source", None, "A reference .pth.tar, or a Hugging Face model.safetensors / its folder.",
+                        flag_values=fv)
+    flags.DEFINE_string("workdir", "", "Write a step-0 checkpoint here (a new folder).", flag_values=fv)
+    flags.DEFINE_string("export", "", "Write the target encoder to this file (e.g. encoder.msgpack).", flag_values=fv)
+    flags.DEFINE_bool("online_as_target", False, "A checkpoint without target_encoder: use its online encoder.",
+                      flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.", flag_values=fv)
+    config_flags.DEFINE_config_file("config", None, "Config to check against (default: the reference recipe).",
+                                    flag_values=fv)
+    flags.mark_flag_as_required("source", flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: an unreadable or mismatched source, or a bad output path, is one line."""
     del argv
-    if not FLAGS["verbosity"].present:
+    if not bad_input.verbosity_given():
         bad_input.quiet_library_logs()
-    args = (FLAGS.source, FLAGS.workdir, FLAGS.export, FLAGS.config, FLAGS.online_as_target)
-    summary = bad_input.run_or_exit(convert, *args, traceback=FLAGS.traceback)
+    summary = convert(FLAGS.source, FLAGS.workdir, FLAGS.export, FLAGS.config, FLAGS.online_as_target)
     print(summary_line(summary, " and ".join(x for x in (FLAGS.workdir, FLAGS.export) if x)))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    FLAGS = flags.FLAGS
-    flags.DEFINE_string("source", None, "A reference .pth.tar, or a Hugging Face model.safetensors / its folder.")
-    flags.DEFINE_string("workdir", "", "Write a step-0 checkpoint here (a new folder).")
-    flags.DEFINE_string("export", "", "Write the target encoder to this file (e.g. encoder.msgpack).")
-    flags.DEFINE_bool("online_as_target", False, "A checkpoint without target_encoder: use its online encoder.")
-    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.")
-    config_flags.DEFINE_config_file("config", None, "Config to check against (default: the reference recipe).")
-    flags.mark_flag_as_required("source")
-    app.run(main)
+    bad_input.run_command(main, define_flags)

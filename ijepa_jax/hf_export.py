@@ -24,9 +24,13 @@ import json
 import logging
 import os
 
+from absl import flags
+
 from ijepa_jax import bad_input, checkpoint, config_lib, convert, weight_layouts, weight_sources
 from ijepa_jax.models import vit
 from ijepa_jax.weight_files import write_safetensors
+
+FLAGS = flags.FLAGS
 
 
 def load_target_encoder(source: str, step: int | None = None, online_as_target: bool = False) -> tuple:
@@ -128,23 +132,26 @@ def export(source: str, out: str, step: int | None = None, online_as_target: boo
     return f"wrote {out}: IJepaModel {info['name']}/{info['patch_size']} at {info['crop_size']}px"
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    flags.DEFINE_string("source", None, "A workdir, an exported .msgpack, or a source convert reads.", flag_values=fv)
+    flags.DEFINE_string("out", None, "A new folder for config.json, model.safetensors, preprocessor_config.json.",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", -1, "With a workdir: the checkpoint step (-1: the latest).", flag_values=fv)
+    flags.DEFINE_bool("online_as_target", False, "A checkpoint without target_encoder: use its online encoder.",
+                      flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.", flag_values=fv)
+    flags.mark_flags_as_required(["source", "out"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: an unreadable source or a bad --out is one line."""
     del argv
-    if not FLAGS["verbosity"].present:
+    if not bad_input.verbosity_given():
         bad_input.quiet_library_logs()
     step = None if FLAGS.step < 0 else FLAGS.step
-    args = (FLAGS.source, FLAGS.out, step, FLAGS.online_as_target)
-    print(bad_input.run_or_exit(export, *args, traceback=FLAGS.traceback))
+    print(export(FLAGS.source, FLAGS.out, step, FLAGS.online_as_target))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    FLAGS = flags.FLAGS
-    flags.DEFINE_string("source", None, "A workdir, an exported .msgpack, or a source convert reads.")
-    flags.DEFINE_string("out", None, "A new folder for config.json, model.safetensors, preprocessor_config.json.")
-    flags.DEFINE_integer("step", -1, "With a workdir: the checkpoint step (-1: the latest).")
-    flags.DEFINE_bool("online_as_target", False, "A checkpoint without target_encoder: use its online encoder.")
-    flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.")
-    flags.mark_flags_as_required(["source", "out"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

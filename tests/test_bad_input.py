@@ -17,7 +17,7 @@ import sys
 import pytest
 from absl import flags
 
-from ijepa_jax import bad_input, convert, evaluate, train
+from ijepa_jax import bad_input, convert, evaluate, hf_export, train
 from ijepa_jax.data import cifar100
 from ijepa_jax.tools import (
     benchmark,
@@ -27,6 +27,7 @@ from ijepa_jax.tools import (
     memory,
     plot_metrics,
     show_masks,
+    sweep,
 )
 from weight_fixtures import MICRO, micro_config, reference_checkpoint, save_torch
 
@@ -268,6 +269,50 @@ CASES = {
         show_masks, lambda t: ["--config", SMOKE, f"--config.data.root={t}/nowhere", f"--out={t}/m.png"],
         r"data\.root='.*nowhere' does not exist",
     ),
+    "sweep misspelt key": (
+        sweep, lambda t: ["--config", SMOKE, f"--workdir={t}/sweep", "--point=a:optim.lr=1e-3", "--config.optim.lrr=1"],
+        r"^error: --config\.optim\.lrr: no such config key .*did you mean --config\.optim\.lr\?$",
+    ),
+    "sweep unknown flag": (
+        sweep, lambda t: ["--config", SMOKE, f"--workdir={t}/sweep", "--points=a:optim.lr=1e-3"],
+        r"Unknown command line flag 'points'.*point",
+    ),
+    "sweep no points": (sweep, lambda t: ["--config", SMOKE, f"--workdir={t}/sweep"], r"No points: give --sweep FILE"),
+    "sweep misspelt key in a point": (
+        sweep, lambda t: ["--config", SMOKE, f"--workdir={t}/sweep", "--point=a:optim.emaa=(0.98,0.98)"],
+        r"point 'a': optim\.emaa: no such config key",
+    ),
+    "sweep unknown protocol": (
+        sweep, lambda t: ["--config", SMOKE, f"--workdir={t}/sweep", "--point=a:optim.lr=1e-3", "--protocols=svm"],
+        r"--protocols='svm': choose from",
+    ),
+    "sweep workdir under a file": (
+        sweep, lambda t: ["--config", SMOKE, f"--workdir={_file(t)}/sweep", "--point=a:optim.lr=1e-3"],
+        r"--workdir .*afile/sweep is under .*afile, a file",
+    ),
+    "convert unknown flag": (
+        convert, lambda t: [f"--source={t}/ref.pth.tar", f"--exprot={t}/e.msgpack"],
+        r"Unknown command line flag 'exprot'.*export",
+    ),
+    "convert no source": (convert, lambda t: [f"--export={t}/e.msgpack"], r"--source must have a value"),
+    "convert missing source": (
+        convert, lambda t: [f"--source={t}/ref.pth.tar", f"--export={t}/e.msgpack"],
+        r"No checkpoint at .*ref\.pth\.tar",
+    ),
+    "convert misspelt config key": (
+        convert, lambda t: [f"--source={t}/ref.pth.tar", "--config", SMOKE, "--config.model.nme=vit_tiny"],
+        r"--config\.model\.nme: no such config key .*did you mean --config\.model\.name\?",
+    ),
+    "hf_export unknown flag": (
+        hf_export, lambda t: [f"--source={t}", f"--output={t}/hf"], r"Unknown command line flag 'output'",
+    ),
+    "hf_export no out": (hf_export, lambda t: [f"--source={t}"], r"--out must have a value"),
+    "hf_export step that is not a number": (
+        hf_export, lambda t: [f"--source={t}", f"--out={t}/hf", "--step=last"], r"--step=last: .*int",
+    ),
+    "hf_export missing source": (
+        hf_export, lambda t: [f"--source={t}/nope", f"--out={t}/hf"], r"No checkpoint at .*nope",
+    ),
     "export_encoder no out": (export_encoder, lambda t: [f"--workdir={t}"], r"--out must have a value"),
     "export_encoder no checkpoints": (
         export_encoder, lambda t: [f"--workdir={_folder(t)}", f"--out={t}/e.msgpack"], r"No checkpoints in .*empty",
@@ -277,7 +322,8 @@ AUDITED = ("train unknown key (the reference's name)", "train workdir under a fi
            "train weight_decay=nan", "train batch_size=0", "train data.root that does not exist")
 # The audited ones also run as real command lines (each a subprocess importing jax: a few).
 THROUGH_THE_COMMAND_LINE = ("train unknown key (the reference's name)", "train workdir under a file",
-                            "train weight_decay=nan", "train data.root that does not exist")
+                            "train weight_decay=nan", "train data.root that does not exist",
+                            "sweep misspelt key", "convert unknown flag", "hf_export unknown flag")
 
 
 @pytest.fixture

@@ -42,11 +42,22 @@ COMPARE_KEYS = (
 
 
 def read_records(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl. A last record cut short (the start of a JSON object without
+    its newline: a run killed, or still busy, writing it) is left out; any other line that does not parse
+    is a JSONDecodeError."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No metrics.jsonl in {workdir}: is it a pretraining --workdir?")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:  # a record cut short by a crash (or a run still writing it): skipped
+            if lines[-1].endswith("\n") or not lines[-1].lstrip().startswith("{"):
+                raise
+    return records
 
 
 def series(records: list[dict], key: str) -> tuple[list, list]:

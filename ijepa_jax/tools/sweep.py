@@ -17,18 +17,17 @@ import os
 import re
 import runpy
 import socket
-import sys
 import time
 from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path, tuple_parser
 
-from ijepa_jax import checkpoint, config_lib, evaluate, files
+from ijepa_jax import bad_input, checkpoint, config_lib, evaluate, files
 from ijepa_jax import train as train_lib
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import health
@@ -294,38 +293,40 @@ def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: 
 FLAGS = flags.FLAGS
 
 
+def define_flags(fv) -> None:
+    """The command's flags (on flags.FLAGS from __main__, or a test's FlagValues)."""
+    config_flags.DEFINE_config_file("config", None, "Base config file, CONFIG:ARG.", lock_config=True, flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The sweep's folder: a subfolder per point, the summary.", flag_values=fv)
+    flags.DEFINE_string("sweep", "", "A sweep file (POINTS, optionally SHARED); see docs/sweeps.md.", flag_values=fv)
+    flags.DEFINE_multi_string("point", [], "A point NAME:KEY=VALUE,KEY=VALUE; repeat for more.", flag_values=fv)
+    flags.DEFINE_string("protocols", ",".join(DEFAULT_PROTOCOLS), "Comma-separated: linear, knn, lowshot.",
+                        flag_values=fv)
+    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.", flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
 def main(argv) -> None:
+    """Through bad_input.run_command: a bad sweep file, point, key or value is one line."""
     del argv
-    try:
-        shared, points = load_sweep(FLAGS.sweep) if FLAGS.sweep else ({}, {})
-        for arg in FLAGS.point:
-            name, overrides = parse_point(arg)
-            if name in points:
-                raise ValueError(f"point {name!r} is given twice.")
-            points[name] = overrides
-        if not points:
-            raise ValueError("No points: give --sweep FILE and/or --point=NAME:KEY=VALUE,...")
-        protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
-        if not protocols or set(protocols) - set(evaluate.PROTOCOLS):
-            raise ValueError(f"--protocols={FLAGS.protocols!r}: choose from {evaluate.PROTOCOLS}.")
-        planned = point_configs(FLAGS.config, shared, points)
-        route_library_logs(FLAGS.workdir, show_info=FLAGS["verbosity"].present)
-        cli = _format_overrides(config_flags.get_override_values(FLAGS["config"]))
-        header = (f"config `{config_flags.get_config_filename(FLAGS['config'])}`{' with ' + cli if cli else ''}, "
-                  f"sweep `{FLAGS.sweep or '--point'}`; shared overrides: {_format_overrides(shared) or 'none'}.")
-        run_sweep(planned, FLAGS.workdir, protocols, header)
-    except (ValueError, FileNotFoundError) as e:
-        if FLAGS.traceback:
-            raise
-        sys.exit(f"error: {e}")
+    shared, points = load_sweep(FLAGS.sweep) if FLAGS.sweep else ({}, {})
+    for arg in FLAGS.point:
+        name, overrides = parse_point(arg)
+        if name in points:
+            raise ValueError(f"point {name!r} is given twice.")
+        points[name] = overrides
+    if not points:
+        raise ValueError("No points: give --sweep FILE and/or --point=NAME:KEY=VALUE,...")
+    protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
+    if not protocols or set(protocols) - set(evaluate.PROTOCOLS):
+        raise ValueError(f"--protocols={FLAGS.protocols!r}: choose from {evaluate.PROTOCOLS}.")
+    bad_input.path_to_write(FLAGS.workdir, "--workdir")
+    planned = point_configs(FLAGS.config, shared, points)
+    route_library_logs(FLAGS.workdir, show_info=bad_input.verbosity_given())
+    cli = _format_overrides(config_flags.get_override_values(FLAGS["config"]))
+    header = (f"config `{config_flags.get_config_filename(FLAGS['config'])}`{' with ' + cli if cli else ''}, "
+              f"sweep `{FLAGS.sweep or '--point'}`; shared overrides: {_format_overrides(shared) or 'none'}.")
+    run_sweep(planned, FLAGS.workdir, protocols, header)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Base config file, CONFIG:ARG.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The sweep's folder: a subfolder per point, the summary.")
-    flags.DEFINE_string("sweep", "", "A sweep file (POINTS, optionally SHARED); see docs/sweeps.md.")
-    flags.DEFINE_multi_string("point", [], "A point NAME:KEY=VALUE,KEY=VALUE; repeat for more.")
-    flags.DEFINE_string("protocols", ",".join(DEFAULT_PROTOCOLS), "Comma-separated: linear, knn, lowshot.")
-    flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    bad_input.run_command(main, define_flags)

@@ -56,3 +56,18 @@ def test_compares_runs_in_shared_panels(tmp_path):
 def test_comparing_runs_without_known_keys_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="None of"):
         plot_metrics.plot_comparison({"a": [{"step": 1, "other": 1.0}]}, str(tmp_path / "c.png"))
+
+
+def test_a_last_record_cut_short_is_skipped(tmp_path):
+    """A run killed mid-write leaves the start of a record without its newline: the records before it plot."""
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "metrics.jsonl").write_text(text + json.dumps({"step": 4, "loss": 0.25})[:9])
+    assert plot_metrics.read_records(str(tmp_path)) == records
+    (tmp_path / "metrics.jsonl").write_text(text + "{")
+    assert plot_metrics.read_records(str(tmp_path)) == records
+    # Damage elsewhere (or a whole last line that does not parse) is still an error.
+    for damaged in ('{"step": 1, "lo\n' + text, text + '{"step": 4, "lo\n', text + "not json"):
+        (tmp_path / "metrics.jsonl").write_text(damaged)
+        with pytest.raises(json.JSONDecodeError):
+            plot_metrics.read_records(str(tmp_path))
