@@ -268,7 +268,8 @@ def cifar_parts(*args, cwd):
 
 
 def test_cifar_parts_round_trip_refusing_missing_and_damaged_parts(tmp_path):
-    """split in a git checkout (the parts folder ignored through .git/info/exclude), join elsewhere."""
+    """split in a git checkout (the parts folder ignored through .git/info/exclude), join elsewhere, one call
+    at a time; missing, damaged and absent parts refused by name."""
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     data = tmp_path / "data"
@@ -287,34 +288,46 @@ def test_cifar_parts_round_trip_refusing_missing_and_damaged_parts(tmp_path):
     assert "/.cifar_parts/" in (repo / ".git" / "info" / "exclude").read_text().splitlines()
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
 
-    there = tmp_path / "there"  # the device machine's checkout: the manifest and parts 1, 2 and 4 arrived
-    (there / ".cifar_parts").mkdir(parents=True)
-    for n in ("MANIFEST.sha256", names[0], names[1], names[3]):
-        shutil.copy(parts / n, there / ".cifar_parts" / n)
-    assert cifar_parts("status", cwd=there).stdout.strip() == \
-        "cifar-100-python.tar.gz: parts here: 1 2 4 of 4; missing: 3"
-    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    # The device machine: each call brings the manifest and one part into its checkout's .cifar_parts, which the
+    # next copy of the tree may or may not keep; status keeps them in a store outside the checkout.
+    there, store, root = tmp_path / "there", str(tmp_path / "store"), tmp_path / "root"
+    arrived = there / ".cifar_parts"
+
+    def call(k, *args):
+        shutil.rmtree(arrived, ignore_errors=True)  # the worst case: nothing of the last call is left there
+        arrived.mkdir(parents=True)
+        shutil.copy(parts / "MANIFEST.sha256", arrived)
+        if k:
+            shutil.copy(parts / names[k - 1], arrived)
+        return cifar_parts(*args, "--store", store, "--to", str(root), cwd=there)
+
+    assert call(1, "status").stdout.strip() == "cifar-100-python.tar.gz: parts here: 1 of 4; missing: 2 3 4"
+    assert call(2, "status").stdout.strip() == "cifar-100-python.tar.gz: parts here: 1 2 of 4; missing: 3 4"
+    proc = call(4, "join")  # part 3 was never sent
     assert proc.returncode == 1 and "missing: 3" in proc.stderr and names[2] in proc.stderr
-    assert not (tmp_path / "root" / "cifar-100-python.tar.gz").exists()
+    assert not root.exists() or not list(root.iterdir())
 
-    shutil.copy(parts / names[2], there / ".cifar_parts" / names[2])
-    damaged = bytearray((there / ".cifar_parts" / names[1]).read_bytes())
+    arrived_damaged = call(3, "status")
+    assert arrived_damaged.returncode == 0
+    damaged = bytearray((arrived / names[2]).read_bytes())
     damaged[100] ^= 1
-    (there / ".cifar_parts" / names[1]).write_bytes(bytes(damaged))
-    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
-    assert proc.returncode == 1 and "damaged: 2" in proc.stderr
+    shutil.rmtree(store)  # start over from the damaged copy: it is not kept
+    (arrived / names[2]).write_bytes(bytes(damaged))
+    proc = cifar_parts("status", "--store", store, cwd=there)
+    assert "parts here: none of 4" in proc.stdout and "arrived damaged (not kept): 3" in proc.stdout
 
-    shutil.copy(parts / names[1], there / ".cifar_parts" / names[1])
-    proc = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
-    assert proc.returncode == 0 and digest in proc.stdout
-    assert (tmp_path / "root" / "cifar-100-python.tar.gz").read_bytes() == blob
-    assert not list((tmp_path / "root").glob("*.partial"))
-    again = cifar_parts("join", "--to", str(tmp_path / "root"), cwd=there)
+    for k in (1, 2, 3):
+        call(k, "status")
+    proc = call(4, "join")
+    assert proc.returncode == 0 and digest in proc.stdout, proc.stderr
+    assert (root / "cifar-100-python.tar.gz").read_bytes() == blob
+    assert not list(root.glob("*.partial"))
+    again = call(0, "join")
     assert again.returncode == 0 and "there already" in again.stdout
 
-    empty = tmp_path / "cold"  # a fresh machine: nothing arrived
-    empty.mkdir()
-    proc = cifar_parts("join", cwd=empty)
+    cold = tmp_path / "cold"  # a fresh machine, and a call that carried nothing
+    cold.mkdir()
+    proc = cifar_parts("join", "--store", str(tmp_path / "cold_store"), cwd=cold)
     assert proc.returncode == 1 and "none of the parts has arrived" in proc.stderr
 
 
