@@ -6,8 +6,12 @@
 # holds --work, to continue: finished points are skipped, a stopped one resumes from its checkpoint.
 #
 #   launch/gpu_sweep.sh [--sweep FILE] [--config CONFIG] [--data DIR|synthetic] [--out DIR] [--work DIR]
-#                       [--budget_s N] [--wheels DIR] [--protocols knn,linear] [--workers N] [--config.KEY=VALUE ...]
+#                       [--budget_s N] [--wheels DIR] [--protocols knn,linear] [--workers N]
+#                       [--first_point_s N] [--config.KEY=VALUE ...]
 #
+# Defaults: configs/sweeps/cifar100_gpu_recipe.py, configs/cifar100.py:vit_tiny, ../shared/data, $OUT
+#   (else WORK/out), /tmp/ijepa_gpu_sweep, 510 s (for a 600 s call), 4 data workers, 150 s assumed for the
+#   first point (it also pays for the random-init baseline); the others are timed as they finish.
 # --data: a folder holding cifar-100-python.tar.gz (extracted once into --work, which loads twice as
 #   fast) or the extracted cifar-100-python/ folder; 'synthetic' trains on generated images (tests).
 # --out: gets gpu_sweep.log, environment.json, summary.md, summary.jsonl, summary.png and points.tar.gz

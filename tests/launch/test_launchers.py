@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 
 import pytest
 
@@ -201,6 +202,25 @@ def test_gpu_sweep_refuses_bad_arguments_and_missing_data(tmp_path):
     assert proc.returncode == 2 and "unknown argument: --budget" in proc.stderr
     proc = gpu_sweep(tmp_path, "--data", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "no CIFAR-100 in --data" in proc.stdout and "cifar_parts.sh join" in proc.stdout
+
+
+def test_gpu_sweep_installs_the_wheels_it_is_given_into_work_site(tmp_path):
+    """A hand-made wheel (a one-line package) lands in WORK/site before anything else can fail."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    info = "gswheel-1.0.dist-info"
+    files = {"gswheel/__init__.py": "VALUE = 7\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: gswheel\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(wheels / "gswheel-1.0-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in files) + f"{info}/RECORD,,\n")
+    proc = gpu_sweep(tmp_path, "--wheels", str(wheels), "--data", str(tmp_path / "no_data"))
+    assert proc.returncode == 1 and "no CIFAR-100 in --data" in proc.stdout, proc.stdout[-2000:]
+    assert (tmp_path / "work" / "site" / "gswheel" / "__init__.py").read_text() == "VALUE = 7\n"
+    proc = gpu_sweep(tmp_path, "--wheels", str(tmp_path / "empty"))
+    assert proc.returncode == 1 and "no wheels in --wheels" in proc.stdout
 
 
 def load_budget_sweep():
