@@ -413,6 +413,7 @@ class PreemptionWatcher:
     def __init__(self, manager):
         self.manager = manager
         self.signalled = False
+        self._logged = False
         self._previous = None
 
     def __enter__(self):
@@ -421,12 +422,15 @@ class PreemptionWatcher:
         return self
 
     def _on_signal(self, signum, frame):
-        logging.warning("SIGTERM: saving at the next step boundary, then stopping")
+        # A flag only: logging from a signal handler can re-enter the logging lock the interrupted code holds.
         self.signalled = True
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:
             return self.manager.reached_preemption(step)
+        if self.signalled and not self._logged:
+            self._logged = True
+            logging.warning("SIGTERM: saving at step %d, then stopping", step)
         return self.signalled
 
     def __exit__(self, *exc):

@@ -114,6 +114,7 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "preempted: saved step" in out
+    assert "Logging error" not in err and "Traceback" not in err, err[-3000:]
     saved = int(out.split("preempted: saved step ")[1].split(";")[0])
     assert checkpoint.read_only_manager(str(tmp_path))[1] == saved
     assert steps_logged(str(tmp_path)) == list(range(1, saved + 1))
@@ -122,6 +123,20 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints'} step {saved}" in rerun.stdout
     assert steps_logged(str(tmp_path)) == list(range(1, saved + 3))
+
+
+def test_the_sigterm_handler_only_sets_a_flag_and_the_loop_logs_once(monkeypatch):
+    """Logging from the handler re-enters the logging lock the interrupted code may hold ('--- Logging error
+    --- reentrant call'): the handler sets a flag; requested() logs the line, once."""
+    logged = []
+    monkeypatch.setattr(checkpoint.logging, "warning", lambda *a: logged.append(a[0] % a[1:]))
+    with checkpoint.PreemptionWatcher(manager=None) as watcher:
+        assert not watcher.requested(1)
+        signal.raise_signal(signal.SIGTERM)
+        assert logged == []
+        assert watcher.requested(2) and watcher.requested(3)
+    assert logged == ["SIGTERM: saving at step 2, then stopping"]
+    assert signal.getsignal(signal.SIGTERM) is not watcher._on_signal
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
