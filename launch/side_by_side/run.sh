@@ -74,7 +74,7 @@ run_part ratio 30 "$PY" - "$OUT" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 official = {r["check"]: r["img_per_s"] for r in rows if r.get("check", "").startswith("official") and "img_per_s" in r}
-ours = [r["img_per_s"] for r in rows if r.get("model") and "check" not in r]
+ours = [r["img_per_s"] for r in rows if "img_per_s" in r and "check" not in r]  # tools.benchmark rows
 if not (official and ours):
     sys.exit(f"ratio: need an official row and ours in {sys.argv[1]}")
 best = max(official, key=official.get)
@@ -84,7 +84,7 @@ print(json.dumps({"check": "ratio", "ours_img_per_s": ours[-1], "official_img_pe
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 official = {r["check"]: r["img_per_s"] for r in rows if r.get("check", "").startswith("official") and "img_per_s" in r}
-ours = [r["img_per_s"] for r in rows if r.get("model") and "check" not in r]
+ours = [r["img_per_s"] for r in rows if "img_per_s" in r and "check" not in r]  # tools.benchmark rows
 if not (official and ours):
     sys.exit(f"ratio: need an official row and ours in {sys.argv[1]}")
 best = max(official, key=official.get)
