@@ -81,16 +81,6 @@ best = max(official, key=official.get)
 ratio = ours[-1] / official[best]
 print(json.dumps({"check": "ratio", "ours_img_per_s": ours[-1], "official_img_per_s": official[best],
                   "official_best": best, "ours_over_official": round(ratio, 2), "goal": 2.0, "met": ratio >= 2.0}))
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-official = {r["check"]: r["img_per_s"] for r in rows if r.get("check", "").startswith("official") and "img_per_s" in r}
-ours = [r["img_per_s"] for r in rows if "img_per_s" in r and "check" not in r]  # tools.benchmark rows
-if not (official and ours):
-    sys.exit(f"ratio: need an official row and ours in {sys.argv[1]}")
-best = max(official, key=official.get)
-ratio = ours[-1] / official[best]
-print(json.dumps({"check": "ratio", "ours_img_per_s": ours[-1], "official_img_per_s": official[best],
-                  "official_best": best, "ours_over_official": round(ratio, 2), "goal": 2.0, "met": ratio >= 2.0}))
 EOF
 run_part profile 300 "$PY" "$HERE/profile_step.py" "${OURS[@]}" --batch_per_device="$BATCH" --steps=3 \
   --trace_dir "$WORK/trace" --out "$(dirname "$OUT")/kernels.json"
