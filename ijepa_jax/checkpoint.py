@@ -82,6 +82,33 @@ def make_manager(workdir: str, checkpoint_config, steps_per_epoch: int) -> ocp.C
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
 
 
+@contextlib.contextmanager
+def closing(manager):
+    """`with closing(manager):` waits for its asynchronous saves and closes it on every exit (errors and
+    KeyboardInterrupt included), before the interpreter shuts down: orbax's background threads then
+    schedule nothing on a closed executor ('cannot schedule new futures after interpreter shutdown')."""
+    try:
+        yield manager
+    finally:
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 (a save that failed: the error in flight is the one to report)
+            logging.warning("a checkpoint save did not finish: %s", first_line(e))
+        finally:
+            manager.close()
+
+
+def latest_saved_step(workdir: str) -> int | None:
+    """The newest complete checkpoint step in WORKDIR/checkpoints (orbax's temporary folders of a save in
+    progress are not numbers), without opening a manager; None when there is none."""
+    directory = checkpoint_dir(workdir)
+    try:
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except OSError:
+        return None
+    return max(steps) if steps else None
+
+
 def _item_handlers() -> dict:
     return {
         "state": ocp.StandardCheckpointHandler(),
@@ -189,7 +216,7 @@ def checksums(tree) -> dict:
     }
 
 
-def _first_line(e: Exception, limit: int = 160) -> str:
+def first_line(e: BaseException, limit: int = 160) -> str:
     """A one-line summary of a storage library's (often very long) error."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = text.split(" See full TensorStore details")[0]  # then a spec dump of dozens of lines
@@ -233,7 +260,7 @@ def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
     try:
         saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:  # orbax raises many types for a damaged or emptied metadata file
-        raise CheckpointDamaged(step, f"has an unreadable config ({_first_line(e)})") from e
+        raise CheckpointDamaged(step, f"has an unreadable config ({first_line(e)})") from e
     check_compatible(saved_config, config, where)
     warn_inexact_resume(saved_config, config)
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
@@ -244,7 +271,7 @@ def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
         with _stderr_kept_out_on_failure():
             restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # tensorstore raises many types for truncated or damaged array files
-        raise CheckpointDamaged(step, f"cannot be read ({_first_line(e)})") from e
+        raise CheckpointDamaged(step, f"cannot be read ({first_line(e)})") from e
     state = restored["state"]
     if has_checksums:
         expected, actual = restored["checksums"], checksums(state)
@@ -402,7 +429,8 @@ def load_encoder(path: str):
 
 
 class PreemptionWatcher:
-    """Tells the loop when to save and stop: SIGTERM (one process) or orbax's sync point (many).
+    """Tells the loop when to save and stop: SIGTERM or a first Ctrl-C (one process), or orbax's sync
+    point (many).
 
     With several processes every host must stop at the same step, which
     orbax's preemption sync point (jax.distributed) guarantees; a local signal
@@ -414,25 +442,33 @@ class PreemptionWatcher:
         self.manager = manager
         self.signalled = False
         self._logged = False
-        self._previous = None
+        self._signal_name = ""
+        self._previous = self._previous_int = None
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            # Ctrl-C too: a KeyboardInterrupt raised inside orbax's save logs its traceback; the second
+            # Ctrl-C is an immediate KeyboardInterrupt.
+            self._previous_int = signal.signal(signal.SIGINT, self._on_signal)
         return self
 
     def _on_signal(self, signum, frame):
         # A flag only: logging from a signal handler can re-enter the logging lock the interrupted code holds.
+        if signum == signal.SIGINT and self.signalled:
+            raise KeyboardInterrupt
         self.signalled = True
+        self._signal_name = signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:
             return self.manager.reached_preemption(step)
         if self.signalled and not self._logged:
             self._logged = True
-            logging.warning("SIGTERM: saving at step %d, then stopping", step)
+            logging.warning("%s: saving at step %d, then stopping", self._signal_name, step)
         return self.signalled
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGINT, self._previous_int)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -200,10 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with workdir_lib.hold(workdir):
         exp = build(config)
         manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
-        try:
+        with checkpoint.closing(manager):  # on every exit: async saves finished, then closed
             return _run(exp, manager, workdir)
-        finally:
-            manager.close()
 
 
 def _run(exp: Experiment, manager, workdir: str) -> dict:
@@ -457,7 +456,30 @@ def main(argv) -> None:
     )
     config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())  # before the work dir is made
     route_library_logs(FLAGS.workdir, show_info=bad_input.verbosity_given())
-    train(FLAGS.config, FLAGS.workdir)
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted; {_saved_state(FLAGS.workdir)}.")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A peer that died or hangs fails the next collective (or the coordination service's heartbeat).
+        sys.exit(peer_failure_line(e, FLAGS.workdir))
+
+
+def _saved_state(workdir: str) -> str:
+    step = checkpoint.latest_saved_step(workdir)
+    if step is None:
+        return f"no checkpoint was saved in {checkpoint.checkpoint_dir(workdir)}"
+    return f"saved state is at step {step} in {checkpoint.checkpoint_dir(workdir)}; run the same command to resume"
+
+
+def peer_failure_line(error: BaseException, workdir: str) -> str:
+    """The one line a process prints when a collective or jax's distributed runtime fails in a
+    multi-process run: which process, the runtime's own first line, and what is saved."""
+    me, count = jax.process_index(), jax.process_count()
+    return (f"error: process {me} of {count}: another process stopped responding ({checkpoint.first_line(error)}); "
+            f"{_saved_state(workdir)}.")
 
 
 if __name__ == "__main__":

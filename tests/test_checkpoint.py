@@ -137,6 +137,13 @@ def test_the_sigterm_handler_only_sets_a_flag_and_the_loop_logs_once(monkeypatch
         assert watcher.requested(2) and watcher.requested(3)
     assert logged == ["SIGTERM: saving at step 2, then stopping"]
     assert signal.getsignal(signal.SIGTERM) is not watcher._on_signal
+    with checkpoint.PreemptionWatcher(manager=None) as watcher:  # Ctrl-C: the same, a second one interrupts
+        signal.raise_signal(signal.SIGINT)
+        assert watcher.requested(7)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert logged[-1] == "SIGINT: saving at step 7, then stopping"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):

@@ -6,9 +6,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.monitoring
@@ -326,6 +328,41 @@ def test_cli_bad_value_exits_with_message_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_error_after_the_checkpoint_manager_exists_is_one_line(tmp_path):
+    """A run refused after its checkpoint manager was made (a work dir whose earlier attempt crashed
+    before its first save, with another config) ends with its one line: the manager is closed before
+    the interpreter shuts down, so no orbax 'RuntimeError: cannot schedule new futures' follows."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "config.json").write_text('{"seed": 5}')
+    proc = run_cli(["--workdir", str(tmp_path)] + SMALL_OVERRIDES)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "refusing to start over it" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr + proc.stdout and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_cli_ctrl_c_in_the_loop_saves_and_stops_like_sigterm(tmp_path):
+    """Ctrl-C in the loop: a save at the next step boundary, then a clean stop (as SIGTERM; no
+    KeyboardInterrupt inside orbax's save, which logs its traceback); the saved step is named."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    overrides = ["--config.data.source=synthetic", "--config.optim.epochs=1000", "--config.total_steps=8000",
+                 "--config.checkpoint.every_steps=2", "--config.log_every_steps=1"]
+    # A shell's background jobs ignore SIGINT; Python raises KeyboardInterrupt only where it is SIG_DFL.
+    proc = subprocess.Popen(CLI + ["--workdir", str(tmp_path)] + overrides, cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err and "RuntimeError" not in err, err[-3000:]
+    saved = int(out.split("preempted: saved step ")[1].split(";")[0])
+    assert checkpoint.read_only_manager(str(tmp_path))[1] == saved
+
+
 # ----------------------------------------------------------------------------
 # every data source, end to end
 
@@ -413,3 +450,16 @@ def test_real_cifar100_vit_tiny_50_steps_loss_falls(tmp_path, shared_data):
     train.train(config, str(tmp_path))
     losses = [r["loss"] for r in read_metrics(str(tmp_path))]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0]
+
+
+def test_a_failed_peer_is_one_line_naming_the_saved_step(tmp_path):
+    """What a multi-process run's survivor prints when a collective or jax's distributed runtime fails:
+    the runtime's first line and the newest complete checkpoint (orbax's temporary folders skipped)."""
+    for name in ("4", "8", "12.orbax-checkpoint-tmp-1701"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: ijepa_jax\nmore details")
+    line = train.peer_failure_line(error, str(tmp_path))
+    assert line.startswith("error: process 0 of 1: another process stopped responding (JaxRuntimeError: "
+                           "DEADLINE_EXCEEDED: Barrier timed out"), line
+    assert f"saved state is at step 8 in {tmp_path / 'checkpoints'}" in line and "\n" not in line
+    assert "no checkpoint was saved" in train.peer_failure_line(error, str(tmp_path / "elsewhere"))
