@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, config_lib, files, sharding
+from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import knn, probe
@@ -190,29 +190,6 @@ def format_table(all_results: dict) -> str:
     return "\n".join(lines)
 
 
-class Monitor:
-    """k-NN (and optionally a quick linear probe) on subsets, during pretraining, from the live target params."""
-
-    def __init__(self, config, mesh, model_name: str, patch_size: int, crop_size: int):
-        e = config.eval
-        self.config, self.mesh = config, mesh
-        self.train_src, self.test_src = eval_sources(config, e.monitor_test_samples_per_class,
-                                                     e.monitor_train_samples_per_class)
-        encoder = checkpoint.unrolled_encoder(model_name, patch_size)
-        self.enc = EncoderUnderTest("monitor", encoder, None, patch_size, crop_size)
-        self.extractor = features_lib.make_extractor(encoder, config.data.mean, config.data.std, mesh)
-        self.protocols = tuple(p for p in e.monitor_protocols.split(",") if p)
-
-    def __call__(self, target_params) -> dict:
-        enc = dataclasses.replace(self.enc, params=checkpoint.unstack_blocks(target_params))
-        split = lambda src, name: features_of(self.config, enc, src, name, None, self.mesh, self.extractor)  # noqa: E731
-        train_f, train_y, _ = split(self.train_src, self.config.eval.train_split)
-        test_f, test_y, _ = split(self.test_src, self.config.eval.test_split)
-        results = run_protocols(self.config, (train_f, train_y), (test_f, test_y),
-                                len(self.train_src.class_names), self.protocols)
-        return {f"eval/{k}": v for k, v in summary_rows(results).items()}
-
-
 def write_results(out_dir: str, all_results: dict) -> str:
     path = files.write_text(files.path(out_dir) / "results.json", json.dumps(all_results, indent=2))
     from tensorboardX import SummaryWriter
@@ -257,9 +234,7 @@ def main(argv) -> None:
         raise ValueError(f"--protocols={FLAGS.protocols!r}: unknown {sorted(unknown)}; choose from {PROTOCOLS}.")
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.encoder)), "eval")
     bad_input.path_to_write(out_dir, "--out" if FLAGS.out else "the results folder")
-    from ijepa_jax.train import use_compilation_cache  # the train command's cache set-up
-
-    use_compilation_cache(config.compilation_cache_dir)
+    compilation_cache.use(config.compilation_cache_dir)
     if FLAGS.workdir:
         with bad_input.reading_checkpoint(FLAGS.workdir):
             enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)

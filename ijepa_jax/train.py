@@ -23,10 +23,11 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, config_lib, files, masks, optim, sharding
+from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, masks, optim, sharding
 from ijepa_jax import workdir as workdir_lib
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import device_augment, pipeline, sources
+from ijepa_jax.eval import monitor as monitor_lib
 from ijepa_jax.metrics import MetricsWriter, format_duration, route_library_logs
 from ijepa_jax.models import vit
 
@@ -177,27 +178,12 @@ def _resume(exp: Experiment, manager, workdir: str, candidates: list[int], expli
     )
 
 
-def use_compilation_cache(directory: str) -> None:
-    """Keeps compiled programs in `directory` (or $JAX_COMPILATION_CACHE_DIR, which jax reads itself), so a
-    restart or another run of the same shapes and mesh loads them instead of compiling again.
-
-    jax keys each program on its HLO, devices, compile options and versions, so a
-    changed model or mesh compiles afresh. Call before the first compilation: jax
-    keeps the first directory it used.
-    """
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-    if jax.config.jax_compilation_cache_dir and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        # jax's default skips programs that compile in under a second: most of a small model's on CPU.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining in `workdir` (a path, or a URL such as gs://bucket/run); returns the
     metrics of the last step."""
     if not workdir:
         raise ValueError("--workdir is empty: give a folder (or gs://bucket/folder) for config, metrics and checkpoints.")
-    use_compilation_cache(config.compilation_cache_dir)
+    compilation_cache.use(config.compilation_cache_dir)
     with workdir_lib.hold(workdir):
         exp = build(config)
         manager = checkpoint.make_manager(workdir, exp.config.checkpoint, exp.steps_per_epoch)
@@ -404,10 +390,8 @@ def _make_monitor(exp: Experiment):
     """The k-NN / linear monitor when `eval.every_epochs` > 0, else None."""
     if exp.config.eval.every_epochs <= 0:
         return None
-    from ijepa_jax import evaluate  # only runs that monitor need the evaluation code
-
     c = exp.config
-    return evaluate.Monitor(c, exp.mesh, c.model.name, c.model.patch_size, c.data.crop_size)
+    return monitor_lib.Monitor(c, exp.mesh, c.model.name, c.model.patch_size, c.data.crop_size)
 
 
 def _print_summary(exp: Experiment) -> None:

@@ -250,7 +250,8 @@ def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path
     end-of-run export work on the sharded state and agree with a one-process restore of its checkpoint."""
     from flax import serialization
 
-    from ijepa_jax import checkpoint, evaluate, sharding
+    from ijepa_jax import checkpoint, sharding
+    from ijepa_jax.eval import monitor as monitor_lib
 
     workdir = tmp_path / "fsdp"
     fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.model.name=vit_tiny",
@@ -269,5 +270,5 @@ def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path
         np.testing.assert_array_equal(a, np.asarray(b))
 
     mesh = sharding.make_mesh()
-    monitor = evaluate.Monitor(config, mesh, config.model.name, config.model.patch_size, config.data.crop_size)
+    monitor = monitor_lib.Monitor(config, mesh, config.model.name, config.model.patch_size, config.data.crop_size)
     assert monitor(params)["eval/knn_k20"] == pytest.approx(knn_logged[0]["eval/knn_k20"], abs=1e-6)

@@ -116,7 +116,7 @@ def main(argv) -> None:
     del argv
     import jax
 
-    from ijepa_jax import train
+    from ijepa_jax import compilation_cache
 
     devices = jax.device_count()
     config = FLAGS.config
@@ -127,7 +127,7 @@ def main(argv) -> None:
         config.data.batch_size = FLAGS.batch_per_device * devices
     config.data.source = "synthetic"
     config.data.synthetic_images = max(config.data.synthetic_images, config.data.batch_size)
-    train.use_compilation_cache(config.compilation_cache_dir)
+    compilation_cache.use(config.compilation_cache_dir)
     result = {**describe(config, devices), **step_memory(config)}
     print(json.dumps(result), flush=True)
 
