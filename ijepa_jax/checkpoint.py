@@ -305,14 +305,14 @@ def set_aside(manager, workdir: str, steps) -> str:
     return str(dest)
 
 
-def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:
+def read_only_manager(path: str, item_handlers: dict | None = None) -> tuple[ocp.CheckpointManager, int]:
     """A manager for another run's workdir (or its checkpoints/ folder), and its latest step."""
     path = files.path(path)
     directory = path if path.name == "checkpoints" else checkpoint_dir(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"No checkpoints in {path} (expected the folder {directory}).")
     manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_item_handlers()
+        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=item_handlers or _item_handlers()
     )
     step = manager.latest_step()
     if step is None:
@@ -321,13 +321,22 @@ def read_only_manager(path: str) -> tuple[ocp.CheckpointManager, int]:
 
 
 def restore_weights(path: str, abstract_state, config):
-    """Online and target parameters from another run's latest checkpoint (optimizer and step fresh)."""
+    """Online and target parameters from another run's latest checkpoint (optimizer and step fresh).
+
+    Only those two subtrees are read (orbax's partial restore): the optimizer moments, twice the
+    parameters again, are never materialised."""
     manager, step = read_only_manager(path)
-    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    with contextlib.closing(manager):
+        saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     check_compatible(saved_config, config, path)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    weights = {"params": abstract_state.params, "target_params": abstract_state.target_params}
+    manager, _ = read_only_manager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    with contextlib.closing(manager):
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=weights, restore_args=ocp.checkpoint_utils.construct_restore_args(weights), partial_restore=True,
+        )))
     logging.info("initialised weights from %s step %d", path, step)
-    return restored["state"].params, restored["state"].target_params
+    return restored["state"]["params"], restored["state"]["target_params"]
 
 
 # ----------------------------------------------------------------------------

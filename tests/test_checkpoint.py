@@ -233,6 +233,32 @@ def test_init_from_takes_weights_but_starts_a_fresh_optimizer(continuous_run, tm
     assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(state.opt_state[0].mu))
 
 
+def test_restore_weights_reads_the_parameters_only(continuous_run, monkeypatch):
+    """restore_weights equals a full restore's params and target_params, bitwise and with the run's
+    shardings, and orbax restores only those two subtrees: no optimizer moments, no step."""
+    config = small_config(total_steps=6)
+    exp = train.build(config)
+    restored_trees = []
+    original = checkpoint.ocp.PyTreeCheckpointHandler.restore
+
+    def spy(self, *args, **kwargs):
+        tree = original(self, *args, **kwargs)
+        restored_trees.append(tree)
+        return tree
+
+    monkeypatch.setattr(checkpoint.ocp.PyTreeCheckpointHandler, "restore", spy)
+    params, target_params = checkpoint.restore_weights(continuous_run, exp.abstract_state, exp.config)
+    assert [sorted(t) for t in restored_trees] == [["params", "target_params"]]
+    monkeypatch.undo()
+    _, full = latest_state(continuous_run, config)
+    for ours, theirs, abstract in ((params, full.params, exp.abstract_state.params),
+                                   (target_params, full.target_params, exp.abstract_state.target_params)):
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        for x, y, a in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(abstract)):
+            assert x.dtype == y.dtype and x.sharding == a.sharding
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_keeps_the_last_k_and_every_kept_epoch(tmp_path):
     """every_steps=1, keep=2, keep_every_epochs=1 (8 steps/epoch): steps 8, 11 and 12 remain."""
     config = small_config(
