@@ -109,7 +109,15 @@ def to_host(tree):
 def put_batch(local_batch: dict, mesh) -> dict:
     """This process's part of the global batch (numpy) -> global jax.Arrays."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, _owned(x)), local_batch)
+
+
+def _owned(x) -> np.ndarray:
+    """`x` as an array that owns its memory. grain's worker processes hand batches over in shared
+    memory, and the CPU backend can alias a numpy buffer instead of copying it: the segments then stay
+    mapped until exit, where the resource tracker reports them as leaked."""
+    x = np.asarray(x)
+    return x if x.flags.owndata else np.array(x)
 
 
 def maybe_initialize_distributed(
