@@ -199,6 +199,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     assert checkpoint_steps(workdir) == [4, 6]
 
 
+@pytest.mark.slow  # one process on 8 devices runs by default (tests/data/test_device_augment.py)
 def test_device_augmentation_on_two_processes_trains_to_the_host_paths_losses(two_process_run, tmp_path):
     """data.augment_on=device: each process holds the whole dataset on its devices and crops its half of
     each batch there; the pixels equal the host path's, so the losses equal two_process_run's."""

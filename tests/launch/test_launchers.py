@@ -177,6 +177,7 @@ def test_gpu_sweep_runs_a_smoke_sweep_into_out(smoke_sweep):
     assert "every point finished" in proc.stdout
 
 
+@pytest.mark.slow  # the sweep runner's own rerun test runs by default
 def test_gpu_sweep_run_again_skips_every_finished_point(smoke_sweep):
     """The second call of a finished sweep (the machine kept --work): nothing trained, the same table."""
     tmp_path, proc = smoke_sweep
@@ -260,6 +261,7 @@ def test_budget_sweep_stops_before_a_point_that_does_not_fit_and_continues_on_th
     assert (status, ran) == (0, ["a", "b", "c"])
 
 
+@pytest.mark.slow  # the sweep files change rarely
 def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
     """Every point validates and builds (on generated images, 2 steps); the halves are the full file's points."""
     from ijepa_jax.tools import sweep
