@@ -385,9 +385,12 @@ def export_target_encoder(target_params, config, path: str) -> str:
     return str(files.write_bytes(path, flax.serialization.msgpack_serialize(payload)))
 
 
-def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
+def restore_target_encoder(workdir: str, step: int | None = None, which: str = "target") -> tuple:
     """(target-encoder params with unrolled blocks, the run's config, step) from a run's checkpoint
-    (latest, or `step`), restored onto this host's devices whatever topology saved it."""
+    (latest, or `step`), restored onto this host's devices whatever topology saved it. `which='online'`
+    gives the online (context) encoder instead: what the reference probes is the target."""
+    if which not in ("target", "online"):
+        raise ValueError(f"which={which!r}: the encoders of a run are 'target' (EMA) and 'online'.")
     manager, latest = read_only_manager(workdir)
     step = latest if step is None else step
     if step not in manager.all_steps():
@@ -399,7 +402,8 @@ def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
     )
-    params = unstack_blocks(restored["state"]["target_params"])
+    state = restored["state"]
+    params = unstack_blocks(state["target_params"] if which == "target" else state["params"]["encoder"])
     return params, ml_collections.ConfigDict(restored["config"]), step
 
 

@@ -47,10 +47,12 @@ class EncoderUnderTest:
         return features_lib.params_digest(self.params)
 
 
-def from_workdir(workdir: str, step: int | None = None) -> EncoderUnderTest:
-    params, config, step = checkpoint.restore_target_encoder(workdir, step)
+def from_workdir(workdir: str, step: int | None = None, which: str = "target") -> EncoderUnderTest:
+    """A run's target (EMA) encoder, as the reference evaluates, or with `which='online'` its online one."""
+    params, config, step = checkpoint.restore_target_encoder(workdir, step, which)
     encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
-    return EncoderUnderTest(f"step{step}", encoder, params, config.model.patch_size, config.data.crop_size)
+    tag = f"step{step}" if which == "target" else f"step{step}_{which}"
+    return EncoderUnderTest(tag, encoder, params, config.model.patch_size, config.data.crop_size)
 
 
 def from_export(path: str) -> EncoderUnderTest:
@@ -217,6 +219,9 @@ def define_flags(fv) -> None:
         "baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.", flag_values=fv
     )
     flags.DEFINE_string("out", "", "Output folder (default WORKDIR/eval).", flag_values=fv)
+    flags.DEFINE_enum("which", "target", ["target", "online"],
+                      "With --workdir: the target (EMA) encoder, as the reference probes, or the online one.",
+                      flag_values=fv)
     flags.DEFINE_bool("traceback", False, "Show the full stack trace of a bad input.", flag_values=fv)
     flags.mark_flags_as_required(["config"], flag_values=fv)
 
@@ -237,7 +242,7 @@ def main(argv) -> None:
     compilation_cache.use(config.compilation_cache_dir)
     if FLAGS.workdir:
         with bad_input.reading_checkpoint(FLAGS.workdir):
-            enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+            enc = from_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step, FLAGS.which)
     else:
         enc = from_export(FLAGS.encoder)
     candidates = {enc.tag: enc}

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import small_config
-from ijepa_jax import evaluate, train
+from ijepa_jax import checkpoint, evaluate, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = {"data.synthetic_images": 120, "eval.probe_epochs": 5, "eval.probe_batch_size": 32,
@@ -39,6 +41,22 @@ def test_every_protocol_runs_and_features_are_reused(run, tmp_path, monkeypatch)
     monkeypatch.setattr(evaluate.features_lib, "extract_features", no_extraction)
     again = evaluate.evaluate(config, enc, str(tmp_path))
     assert again["features"]["from_cache"] and again["knn"]["top1"] == first["knn"]["top1"]
+
+
+def test_the_online_encoder_can_be_evaluated_instead_of_the_target(run):
+    """which='online' restores the run's online (context) encoder: its parameters are the checkpoint's
+    params['encoder'], not the EMA target's (which differ after 4 steps)."""
+    online, target = evaluate.from_workdir(run, which="online"), evaluate.from_workdir(run)
+    assert online.tag == "step4_online" and target.tag == "step4"
+    exp = train.build(small_config(total_steps=4))
+    manager, step = checkpoint.read_only_manager(run)
+    state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, run)
+    for a, b in zip(jax.tree.leaves(online.params), jax.tree.leaves(state.params["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    differ = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(online.params), jax.tree.leaves(target.params))]
+    assert any(differ)
+    with pytest.raises(ValueError, match="'target' \\(EMA\\) and 'online'"):
+        evaluate.from_workdir(run, which="student")
 
 
 def test_the_feature_cache_tells_encoders_with_the_same_tag_apart(run, tmp_path):
