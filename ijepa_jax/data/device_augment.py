@@ -19,7 +19,6 @@ PIL's (tests/data/test_device_augment.py).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,13 @@ _LOW_BITS = 11  # weights split into high and low halves: each product sum stays
 
 
 def check_sizes(height: int, width: int, size: int) -> None:
-    """Sizes this integer arithmetic covers: it shrinks by less than 15x (float32 sums stay exact)."""
+    """Sizes this integer arithmetic covers: it shrinks by less than 15x (the float32 sums stay exact) and
+    sources are at most 2048 pixels a side (the int32 weight arithmetic stays below 2**31)."""
+    if max(height, width) > 2048:
+        raise ValueError(
+            f"data.augment_on='device' takes images of at most 2048 pixels a side, not {height}x{width}: "
+            "resize the dataset once, or use --config.data.augment_on=host."
+        )
     if max(height, width) >= 15 * size:
         raise ValueError(
             f"data.augment_on='device' resizes {height}x{width} images to {size}px crops, a reduction of "

@@ -47,9 +47,12 @@ def test_a_constant_box_resizes_to_the_same_constant():
     assert np.all(np.asarray(out) == 255)
 
 
-def test_shrinking_by_15x_or_more_is_refused():
-    with pytest.raises(ValueError, match="augment_on=host"):
+def test_shrinking_by_15x_or_more_and_sources_over_2048_pixels_are_refused():
+    with pytest.raises(ValueError, match="less than 15x.*augment_on=host"):
         device_augment.check_sizes(480, 320, 32)
+    with pytest.raises(ValueError, match="at most 2048 pixels a side, not 2049x1000"):
+        device_augment.check_sizes(2049, 1000, 224)
+    device_augment.check_sizes(2048, 2048, 224)  # the largest it takes
 
 
 def both_paths(**overrides):
