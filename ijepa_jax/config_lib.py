@@ -110,6 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
         probe_weight_decays=(0.0, 5e-4),
         probe_epochs=50,
         probe_batch_size=1024,
+        attentive_epochs=20,  # the attentive probe (opt-in: evaluate --protocols=...,attentive)
+        attentive_lrs=(3e-4, 1e-3, 3e-3),  # AdamW lrs swept, chosen on a held-out 10% of the train split
+        attentive_batch_size=256,
         lowshot_per_class=(1, 5, 10),
         lowshot_seeds=3,
         lowshot_variant="last4_bn",
@@ -239,7 +242,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         context_scale=(0.9, 1.0), min_keep=2, context_tokens=6,
     )
     c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
-    c.eval.update(batch_size=64, probe_epochs=5, monitor_train_samples_per_class=5, monitor_test_samples_per_class=2)
+    c.eval.update(batch_size=64, probe_epochs=5, attentive_epochs=2, monitor_train_samples_per_class=5,
+                  monitor_test_samples_per_class=2)
     c.total_steps, c.log_every_steps = 20, 5
     c.checkpoint.every_steps = 10
     return c
@@ -266,7 +270,7 @@ NUMBERS = (
 PAIRS = ("optim.ema", "data.crop_scale", "mask.target_scale", "mask.target_aspect", "mask.context_scale",
          "mask.context_aspect")
 # Sequences of finite numbers.
-SEQUENCES = ("data.mean", "data.std", "eval.probe_lrs", "eval.probe_weight_decays")
+SEQUENCES = ("data.mean", "data.std", "eval.probe_lrs", "eval.probe_weight_decays", "eval.attentive_lrs")
 
 
 def _get(config, key: str):
@@ -359,6 +363,13 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
             f"eval.probe_lrs={tuple(e.probe_lrs)} need at least one value, all > 0; "
             f"eval.probe_weight_decays={tuple(e.probe_weight_decays)} at least one, all >= 0."
         )
+    if e.attentive_epochs < 1 or e.attentive_batch_size < 1:
+        raise ValueError(
+            f"eval.attentive_epochs={e.attentive_epochs} and eval.attentive_batch_size={e.attentive_batch_size} "
+            "must be >= 1 (0 epochs would leave the attentive probe at chance)."
+        )
+    if not e.attentive_lrs or min(e.attentive_lrs) <= 0:
+        raise ValueError(f"eval.attentive_lrs={tuple(e.attentive_lrs)} need at least one value, all > 0.")
     if min(e.lowshot_per_class, default=1) < 1 or e.lowshot_seeds < 1:
         raise ValueError(
             f"eval.lowshot_per_class={tuple(e.lowshot_per_class)} must be >= 1 each, "

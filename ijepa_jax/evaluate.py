@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation of the TARGET encoder: linear probe, k-NN, low-shot.
+"""Frozen-feature evaluation of the TARGET encoder: linear probe, k-NN, low-shot (and, opt-in, attentive).
 
     python -m ijepa_jax.evaluate --config configs/cifar100.py:vit_tiny --workdir runs/c100 [--step N]
     python -m ijepa_jax.evaluate --config configs/cifar100.py:vit_tiny --encoder encoder.msgpack
@@ -8,6 +8,9 @@ the architecture from the checkpoint or exported file. Every protocol also
 runs on a randomly initialised encoder of the same architecture (the
 baseline; `--baseline=false` skips it). Results go to OUT/results.json and
 TensorBoard scalars to OUT/tensorboard, OUT being WORKDIR/eval by default.
+The attentive probe (`--protocols=linear,knn,attentive`) trains on the last
+layer's patch tokens, extracted in a second pass and kept in host memory
+(float16), not cached on disk.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from ml_collections import config_flags
 from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
-from ijepa_jax.eval import knn, probe
+from ijepa_jax.eval import attentive, knn, probe
 
-PROTOCOLS = ("linear", "knn", "lowshot")
+PROTOCOLS = ("linear", "knn", "lowshot")  # the default
+ALL_PROTOCOLS = PROTOCOLS + ("attentive",)  # attentive: opt-in, it trains a head on every patch token
 
 
 @dataclasses.dataclass
@@ -119,8 +123,19 @@ def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: st
     return features_lib.cached(os.path.join(cache_dir, f"{enc.tag}_{split}_{key}.npz"), compute)
 
 
-def run_protocols(config, train, test, num_classes: int, protocols) -> dict:
-    """Every requested protocol on cached (features, labels) pairs; each result carries its wall time."""
+def tokens_of(config, enc: EncoderUnderTest, source, split: str, mesh, extractor=None):
+    """(tokens (N, T, D) float16, labels) of one split: the last layer's patch tokens, not cached."""
+    mean, std = normalization_of(config, enc)
+    batch = config.eval.batch_size
+    batch += (-batch) % jax.device_count()
+    extractor = extractor or features_lib.make_extractor(enc.encoder, mean, std, mesh, tokens=True)
+    return features_lib.extract_features(extractor, enc.params, source, image_size_for(config, enc), batch, mesh,
+                                         name=f"{enc.tag} {split} tokens")
+
+
+def run_protocols(config, train, test, num_classes: int, protocols, tokens=None, num_heads: int = 0) -> dict:
+    """Every requested protocol on cached (features, labels) pairs; each result carries its wall time.
+    'attentive' needs `tokens`: (train tokens, test tokens) in the same order, and the encoder's `num_heads`."""
     e = config.eval
     (train_f, train_y), (test_f, test_y) = train, test
     settings = probe.ProbeSettings.from_config(e)
@@ -147,6 +162,13 @@ def run_protocols(config, train, test, num_classes: int, protocols) -> dict:
             r = probe.low_shot(train_f, train_y, test_f, test_y, num_classes, n, e.lowshot_seeds,
                                e.lowshot_variant, lr, wd, settings)
             results["lowshot"][f"{n}_per_class"] = {**r, "seconds": time.time() - t}
+    if "attentive" in protocols:
+        if tokens is None:
+            raise ValueError("the attentive protocol needs the patch tokens (run_protocols(tokens=...))")
+        t = time.time()
+        results["attentive"] = attentive.attentive_probe(tokens[0], train_y, tokens[1], test_y, num_classes,
+                                                         num_heads, attentive.AttentiveSettings.from_config(e))
+        results["attentive"]["seconds"] = time.time() - t
     return results
 
 
@@ -160,8 +182,17 @@ def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -
     enc = dataclasses.replace(enc, params=jax.device_put(enc.params, sharding.replicated(mesh)))
     train_f, train_y, hit_a = features_of(config, enc, train_src, config.eval.train_split, cache_dir, mesh, extractor)
     test_f, test_y, hit_b = features_of(config, enc, test_src, config.eval.test_split, cache_dir, mesh, extractor)
+    tokens = None
+    if "attentive" in protocols:  # a second pass over the images: the tokens are too big to cache
+        tok_extractor = features_lib.make_extractor(enc.encoder, *normalization_of(config, enc), mesh, tokens=True)
+        train_t, train_ty = tokens_of(config, enc, train_src, config.eval.train_split, mesh, tok_extractor)
+        test_t, test_ty = tokens_of(config, enc, test_src, config.eval.test_split, mesh, tok_extractor)
+        if not (np.array_equal(train_ty, train_y) and np.array_equal(test_ty, test_y)):
+            raise ValueError("the cached features' labels differ from the images' now: remove the feature cache")
+        tokens = (train_t, test_t)
     extraction_s = time.time() - t
-    results = run_protocols(config, (train_f, train_y), (test_f, test_y), len(train_src.class_names), protocols)
+    results = run_protocols(config, (train_f, train_y), (test_f, test_y), len(train_src.class_names), protocols,
+                            tokens=tokens, num_heads=enc.encoder.num_heads)
     results["features"] = {
         "train_images": len(train_y), "test_images": len(test_y), "classes": len(train_src.class_names),
         "dim": int(train_f.shape[-1]), "image_size": image_size_for(config, enc), "seconds": extraction_s,
@@ -179,6 +210,8 @@ def summary_rows(results: dict) -> dict:
         rows[f"linear_{variant}"] = r["top1"]
     for name, r in results.get("lowshot", {}).items():
         rows[f"lowshot_{name}"] = r["top1_mean"]
+    if "attentive" in results:
+        rows["attentive"] = results["attentive"]["top1"]
     return rows
 
 
@@ -214,7 +247,9 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("workdir", "", "A pretraining run's --workdir (its latest checkpoint, or --step).", flag_values=fv)
     flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).", flag_values=fv)
     flags.DEFINE_string("encoder", "", "An exported encoder (tools/export_encoder) instead of --workdir.", flag_values=fv)
-    flags.DEFINE_string("protocols", ",".join(PROTOCOLS), "Comma-separated: linear, knn, lowshot.", flag_values=fv)
+    flags.DEFINE_string("protocols", ",".join(PROTOCOLS),
+                        "Comma-separated: linear, knn, lowshot, attentive (opt-in: a head on the patch tokens).",
+                        flag_values=fv)
     flags.DEFINE_bool(
         "baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.", flag_values=fv
     )
@@ -234,9 +269,9 @@ def main(argv) -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.encoder):
         raise ValueError("Give exactly one of --workdir (a pretraining run) or --encoder (an exported file).")
     protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
-    unknown = set(protocols) - set(PROTOCOLS)
+    unknown = set(protocols) - set(ALL_PROTOCOLS)
     if unknown or not protocols:
-        raise ValueError(f"--protocols={FLAGS.protocols!r}: unknown {sorted(unknown)}; choose from {PROTOCOLS}.")
+        raise ValueError(f"--protocols={FLAGS.protocols!r}: unknown {sorted(unknown)}; choose from {ALL_PROTOCOLS}.")
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or os.path.dirname(os.path.abspath(FLAGS.encoder)), "eval")
     bad_input.path_to_write(out_dir, "--out" if FLAGS.out else "the results folder")
     compilation_cache.use(config.compilation_cache_dir)

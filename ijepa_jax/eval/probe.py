@@ -136,6 +136,17 @@ def train_and_score(train_x, train_y, test_x, test_y, num_classes, grid, setting
     ]
 
 
+def lr_at_sweep_edge(lr: float, lrs, what: str, key: str) -> bool:
+    """Whether the chosen `lr` is an end of the swept `lrs` (`key`): the best probe may then lie beyond
+    it (and the accuracy understate the features), so it is said in a warning rather than silently."""
+    at_edge = len(set(lrs)) > 1 and lr in (min(lrs), max(lrs))
+    if at_edge:
+        direction = "above" if lr == max(lrs) else "below"
+        logging.warning("%s: the chosen lr %g is the end of %s=%s, so a better one may lie beyond it; add values "
+                        "%s %g to %s.", what, lr, key, tuple(lrs), direction, lr, key)
+    return at_edge
+
+
 def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, variant: str, settings: ProbeSettings) -> dict:
     """The sweep for one variant: choose (lr, wd) on held-out train features, retrain on all, test."""
     bn = variant.endswith("_bn")
@@ -147,16 +158,7 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, variant: st
     grid = list(itertools.product(settings.lrs, settings.weight_decays))
     sweep = train_and_score(norm(x[fit]), train_y[fit], norm(x[val]), train_y[val], num_classes, grid, settings)
     best = max(sweep, key=lambda r: r["top1"])
-    # A chosen lr at the end of the grid means the best probe may lie beyond it (and
-    # the accuracy understates the features); say so rather than report it silently.
-    at_edge = len(set(settings.lrs)) > 1 and best["lr"] in (min(settings.lrs), max(settings.lrs))
-    if at_edge:
-        direction = "above" if best["lr"] == max(settings.lrs) else "below"
-        logging.warning(
-            "linear probe %s: the chosen lr %g is the end of eval.probe_lrs=%s, so a better one may lie "
-            "beyond it; add values %s %g to eval.probe_lrs.",
-            variant, best["lr"], tuple(settings.lrs), direction, best["lr"],
-        )
+    at_edge = lr_at_sweep_edge(best["lr"], settings.lrs, f"linear probe {variant}", "eval.probe_lrs")
     norm = Standardize(x, bn)
     final = train_and_score(norm(x), train_y, norm(xt), test_y, num_classes,
                             [(best["lr"], best["weight_decay"])], settings)[0]
