@@ -9,8 +9,9 @@ runs on a randomly initialised encoder of the same architecture (the
 baseline; `--baseline=false` skips it). Results go to OUT/results.json and
 TensorBoard scalars to OUT/tensorboard, OUT being WORKDIR/eval by default.
 The attentive probe (`--protocols=linear,knn,attentive`) trains on the last
-layer's patch tokens, extracted in a second pass and kept in host memory
-(float16), not cached on disk.
+layer's patch tokens, kept in host memory (float16), not cached on disk: they
+come from the pooled features' pass, or from a pass of their own when those
+come from the cache.
 """
 
 from __future__ import annotations
@@ -102,16 +103,23 @@ def normalization_of(config, enc: EncoderUnderTest) -> tuple:
     return enc.normalization or (tuple(config.data.mean), tuple(config.data.std))
 
 
-def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: str | None, mesh, extractor=None):
-    """(features (N, 4, D), labels, from_cache) of one split, computed once and cached."""
+def features_of(config, enc: EncoderUnderTest, source, split: str, cache_dir: str | None, mesh, extractor=None,
+                tokens_out: dict | None = None):
+    """(features (N, 4, D), labels, from_cache) of one split, computed once and cached. With `tokens_out`
+    (and a tokens extractor) a split that is computed leaves its patch tokens in tokens_out['tokens']."""
     size = image_size_for(config, enc)
     batch = config.eval.batch_size
     batch += (-batch) % jax.device_count()
     mean, std = normalization_of(config, enc)
     extractor = extractor or features_lib.make_extractor(enc.encoder, mean, std, mesh)
-    compute = lambda: features_lib.extract_features(  # noqa: E731
-        extractor, enc.params, source, size, batch, mesh, name=f"{enc.tag} {split}"
-    )
+
+    def compute():
+        out, labels = features_lib.extract_features(extractor, enc.params, source, size, batch, mesh,
+                                                    name=f"{enc.tag} {split}")
+        if tokens_out is not None:
+            out, tokens_out["tokens"] = out
+        return out, labels
+
     if cache_dir is None:
         return (*compute(), False)
     d = config.data
@@ -129,8 +137,9 @@ def tokens_of(config, enc: EncoderUnderTest, source, split: str, mesh, extractor
     batch = config.eval.batch_size
     batch += (-batch) % jax.device_count()
     extractor = extractor or features_lib.make_extractor(enc.encoder, mean, std, mesh, tokens=True)
-    return features_lib.extract_features(extractor, enc.params, source, image_size_for(config, enc), batch, mesh,
-                                         name=f"{enc.tag} {split} tokens")
+    (_, tokens), labels = features_lib.extract_features(extractor, enc.params, source, image_size_for(config, enc),
+                                                        batch, mesh, name=f"{enc.tag} {split} tokens")
+    return tokens, labels
 
 
 def run_protocols(config, train, test, num_classes: int, protocols, tokens=None, num_heads: int = 0) -> dict:
@@ -178,18 +187,22 @@ def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -
     train_src, test_src = eval_sources(config)
     cache_dir = os.path.join(out_dir, "feature_cache")
     t = time.time()
-    extractor = features_lib.make_extractor(enc.encoder, *normalization_of(config, enc), mesh)
+    want_tokens = "attentive" in protocols
+    extractor = features_lib.make_extractor(enc.encoder, *normalization_of(config, enc), mesh, tokens=want_tokens)
     enc = dataclasses.replace(enc, params=jax.device_put(enc.params, sharding.replicated(mesh)))
-    train_f, train_y, hit_a = features_of(config, enc, train_src, config.eval.train_split, cache_dir, mesh, extractor)
-    test_f, test_y, hit_b = features_of(config, enc, test_src, config.eval.test_split, cache_dir, mesh, extractor)
-    tokens = None
-    if "attentive" in protocols:  # a second pass over the images: the tokens are too big to cache
-        tok_extractor = features_lib.make_extractor(enc.encoder, *normalization_of(config, enc), mesh, tokens=True)
-        train_t, train_ty = tokens_of(config, enc, train_src, config.eval.train_split, mesh, tok_extractor)
-        test_t, test_ty = tokens_of(config, enc, test_src, config.eval.test_split, mesh, tok_extractor)
-        if not (np.array_equal(train_ty, train_y) and np.array_equal(test_ty, test_y)):
-            raise ValueError("the cached features' labels differ from the images' now: remove the feature cache")
-        tokens = (train_t, test_t)
+    splits, tokens = [], []
+    for src, split in ((train_src, config.eval.train_split), (test_src, config.eval.test_split)):
+        kept = {} if want_tokens else None  # the tokens of a computed split come with its features
+        f, y, hit = features_of(config, enc, src, split, cache_dir, mesh, extractor, tokens_out=kept)
+        if want_tokens and "tokens" not in kept:  # the features came from the cache: a pass for the tokens
+            kept["tokens"], tokens_y = tokens_of(config, enc, src, split, mesh, extractor)
+            if not np.array_equal(tokens_y, y):
+                raise ValueError(f"the cached features' labels of {split!r} differ from the images': remove "
+                                 f"{cache_dir}")
+        splits.append((f, y, hit))
+        tokens.append(kept["tokens"] if want_tokens else None)
+    (train_f, train_y, hit_a), (test_f, test_y, hit_b) = splits
+    tokens = tuple(tokens) if want_tokens else None
     extraction_s = time.time() - t
     results = run_protocols(config, (train_f, train_y), (test_f, test_y), len(train_src.class_names), protocols,
                             tokens=tokens, num_heads=enc.encoder.num_heads)

@@ -3,8 +3,9 @@
 Features are extracted once per (encoder, dataset, split, image size),
 batched, jit-compiled and sharded over the batch axis, and cached as .npz so
 that every probe, k-NN and low-shot run afterwards costs seconds. The
-attentive probe's patch tokens (`last_layer_tokens`, float16, (N, T, D)) go
-through the same loop but stay in host memory: they are not cached on disk.
+attentive probe's patch tokens (pooled_features_and_tokens, float16, (N, T, D))
+come from the same forward pass and loop but stay in host memory: they are
+not cached on disk.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def pooled_layer_features(encoder: vit.Encoder, params, images: jax.Array, num_l
     """(B, H, W, 3) normalised images -> (B, num_layers, D): the mean over tokens of each of the
     last `num_layers` blocks' outputs, each passed through the encoder's final LayerNorm (as the
     last layer is), the last entry being the encoder's own output. Needs an unrolled encoder."""
+    return pooled_features_and_tokens(encoder, params, images, num_layers)[0]  # (jit drops the tokens)
+
+
+def pooled_features_and_tokens(encoder: vit.Encoder, params, images: jax.Array, num_layers: int = NUM_LAYERS):
+    """(pooled_layer_features, (B, T, D) float16 patch tokens of the last layer after the final LayerNorm,
+    i.e. the encoder's output) from one forward pass; the tokens are the attentive probe's. float16
+    halves the host memory they take (CIFAR-100 at ViT-Ti/4: 50,000 x 64 x 192 x 2 bytes = 1.2 GB)."""
     out, state = encoder.apply(
         {"params": params},
         images,
@@ -46,14 +54,7 @@ def pooled_layer_features(encoder: vit.Encoder, params, images: jax.Array, num_l
         x = blocks[f"blocks_{i}"]["__call__"][0][0]
         layers.append(final_norm.apply({"params": params["norm"]}, x).mean(axis=1))
     layers.append(out.mean(axis=1))
-    return jnp.stack(layers, axis=1).astype(jnp.float32)
-
-
-def last_layer_tokens(encoder: vit.Encoder, params, images: jax.Array):
-    """(B, H, W, 3) normalised images -> (B, T, D) float16: every patch token of the last layer, after
-    the encoder's final LayerNorm (its output), for the attentive probe. float16 halves the host
-    memory they take (CIFAR-100 at ViT-Ti/4: 50,000 x 64 x 192 x 2 bytes = 1.2 GB)."""
-    return encoder.apply({"params": params}, images).astype(jnp.float16)
+    return jnp.stack(layers, axis=1).astype(jnp.float32), out.astype(jnp.float16)
 
 
 class CentreCrop(grain.transforms.Map):
@@ -65,10 +66,10 @@ class CentreCrop(grain.transforms.Map):
 
 
 def make_extractor(encoder: vit.Encoder, mean, std, mesh, tokens: bool = False):
-    """A jitted (params, uint8 images) -> pooled features (or with `tokens`, last_layer_tokens),
-    batch-sharded over `mesh`. The parameters keep the sharding they come with (a sharded train
-    state's, or replicated)."""
-    features_fn = last_layer_tokens if tokens else pooled_layer_features
+    """A jitted (params, uint8 images) -> pooled features (with `tokens`: (pooled features, patch
+    tokens), pooled_features_and_tokens), batch-sharded over `mesh`. The parameters keep the sharding
+    they come with (a sharded train state's, or replicated)."""
+    features_fn = pooled_features_and_tokens if tokens else pooled_layer_features
 
     def extract(params, images):
         return features_fn(encoder, params, normalize(images, mean, std))
@@ -82,7 +83,7 @@ def make_extractor(encoder: vit.Encoder, mean, std, mesh, tokens: bool = False):
 
 def extract_features(extractor, params, source, image_size: int, batch_size: int, mesh, name: str = "") -> tuple:
     """(features, labels (N,) int32) for every record of `source`, in order: features (N, L, D)
-    float32 from a pooled extractor, (N, T, D) float16 from a tokens one."""
+    float32, or from a tokens extractor the pair (those, (N, T, D) float16 tokens)."""
     ds = grain.MapDataset.source(source).map(CentreCrop(image_size)).batch(batch_size, drop_remainder=False)
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
     features, labels = [], []
@@ -95,13 +96,13 @@ def extract_features(extractor, params, source, image_size: int, batch_size: int
         # Every process reads the same batch; each contributes its slice of the global array.
         local = np.split(images, jax.process_count())[jax.process_index()]
         out = extractor(params, sharding.put_batch(local, mesh))
-        features.append(np.asarray(out)[:n])
+        features.append(jax.tree.map(lambda a: np.asarray(a)[:n], out))
         labels.append(batch["label"])
         done += n
         if jax.process_index() == 0 and ((i + 1) % 20 == 0 or i + 1 == num_batches):
             rate = done / max(time.time() - t0, 1e-9)
             print(f"features {name}: {i + 1}/{num_batches} batches, {rate:.0f} img/s", flush=True)
-    return np.concatenate(features), np.concatenate(labels).astype(np.int32)
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *features), np.concatenate(labels).astype(np.int32)
 
 
 def cache_key(**parts) -> str:

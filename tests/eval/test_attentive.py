@@ -106,14 +106,33 @@ def test_settings_come_from_the_config_and_bad_values_are_rejected():
             config_lib.validate_eval(small_config(**overrides))
 
 
-def test_evaluate_writes_an_attentive_row_for_the_encoder_and_the_baseline(tmp_path):
+def test_the_tokens_are_the_encoders_output_from_the_pooled_features_pass():
+    from ijepa_jax.eval import features
+    from ijepa_jax.models import vit
+
+    encoder = vit.Encoder(patch_size=4, embed_dim=32, depth=3, num_heads=2)
+    images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    params = encoder.init(jax.random.key(0), images)["params"]
+    pooled, tokens = features.pooled_features_and_tokens(encoder, params, images)
+    assert tokens.dtype == np.float16 and tokens.shape == (2, 4, 32)
+    np.testing.assert_allclose(np.asarray(tokens, np.float32), encoder.apply({"params": params}, images),
+                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(pooled, features.pooled_layer_features(encoder, params, images))
+
+
+def test_evaluate_writes_an_attentive_row_for_the_encoder_and_the_baseline(tmp_path, monkeypatch):
     import json
 
     from conftest import small_config
 
     from ijepa_jax import checkpoint, evaluate
 
-    config = small_config(**{"data.synthetic_images": 120, "eval.attentive_epochs": 2,
+    passes = []
+    real = evaluate.features_lib.extract_features
+    monkeypatch.setattr(evaluate.features_lib, "extract_features",
+                        lambda *a, **k: passes.append(k["name"]) or real(*a, **k))
+
+    config = small_config(**{"data.synthetic_images": 120, "eval.attentive_epochs": 2, "eval.attentive_lrs": (1e-3,),
                              "eval.attentive_batch_size": 32})
     encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
     like = evaluate.EncoderUnderTest("enc", encoder, None, config.model.patch_size, config.data.crop_size)
@@ -129,3 +148,7 @@ def test_evaluate_writes_an_attentive_row_for_the_encoder_and_the_baseline(tmp_p
         assert r["num_heads"] == encoder.num_heads and len(r["sweep"]) == len(config.eval.attentive_lrs)
         assert 0 <= evaluate.summary_rows(written[tag])["attentive"] <= 1
     assert "attentive" in evaluate.format_table(all_results)
+    assert len(passes) == 4  # one pass per split and encoder gives the features and the tokens
+    again = evaluate.evaluate(config, enc, str(tmp_path), protocols=("attentive",))
+    assert again["features"]["from_cache"] and passes[4:] == ["enc train tokens", "enc test tokens"]
+    assert again["attentive"]["sweep"] == written["enc"]["attentive"]["sweep"]
