@@ -89,9 +89,9 @@ def init_state(rng: jax.Array, models: Models, tx: optax.GradientTransformation,
 
 
 def gather_targets(h: jax.Array, target_idx: jax.Array) -> jax.Array:
-    """h: (B, N, D), target_idx: (B, M, T) -> (B, M, T, D)."""
-    b, m, t = target_idx.shape
-    return vit.gather_tokens(h, target_idx.reshape(b, m * t)).reshape(b, m, t, -1)
+    """h: (B, N, D), target_idx: (B, ...) (e.g. (B, M, T), or (B, S, M, T) with mask sets) -> (B, ..., D)."""
+    b = target_idx.shape[0]
+    return vit.gather_tokens(h, target_idx.reshape(b, -1)).reshape(target_idx.shape + h.shape[-1:])
 
 
 def encode_context(params, images, batch, models: Models) -> jax.Array:
@@ -136,8 +136,10 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     unweighted. `step` seeds SIGReg's random directions."""
     images = normalize(batch["images"], models.mean, models.std)
     h = jax.lax.stop_gradient(target_features(target_params, images, models))
-    images, h, batch = per_mask_set(images, h, batch)
-    targets = gather_targets(h, batch["target_idx"])
+    # Gathered before the mask sets are flattened: every set's targets come from one pass, h unrepeated.
+    targets = gather_targets(h, batch["target_idx"])  # (B, [S,] M, T, D)
+    images, batch, sets = per_mask_set(images, batch)
+    targets = targets.reshape((-1,) + targets.shape[-3:])
 
     z = encode_context(params, images, batch, models)
     pred = predict_from_context(params, z, batch, models).astype(jnp.float32)
@@ -148,7 +150,9 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     z = z.astype(jnp.float32)
     if models.pooled_target_weight > 0:
         # The probe reads pooled features: train them directly, the context's mean predicting the image's.
-        terms["pooled_target_loss"] = regression_loss(pool_valid(z, batch["context_valid"]), h.mean(1), models.loss).mean()
+        terms["pooled_target_loss"] = regression_loss(
+            pool_valid(z, batch["context_valid"]), jnp.repeat(h.mean(1), sets, axis=0), models.loss
+        ).mean()
     if models.var_cov_weight > 0:
         terms["var_cov_penalty"] = var_cov_penalty(z, batch["context_valid"])
     if models.sigreg_weight > 0:
@@ -161,15 +165,15 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
 MASK_KEYS = ("context_idx", "context_valid", "target_idx", "target_valid")
 
 
-def per_mask_set(images, h, batch: dict) -> tuple:
-    """With S mask sets per image (context (B, S, K)): images and targets repeated S times and the masks
-    flattened, so each (image, set) is one example of the context encoder and predictor; the target
-    encoder ran once per image. With one set, unchanged."""
+def per_mask_set(images, batch: dict) -> tuple:
+    """(images, batch, S): with S mask sets per image (context (B, S, K)) each (image, set) becomes one
+    example of the context encoder and predictor, the images repeated S times and the masks flattened to
+    B * S; the target encoder ran once per image. With one set, unchanged (S = 1)."""
     if batch["context_idx"].ndim == 2:
-        return images, h, batch
+        return images, batch, 1
     sets = batch["context_idx"].shape[1]
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k in MASK_KEYS}
-    return jnp.repeat(images, sets, axis=0), jnp.repeat(h, sets, axis=0), {**batch, **flat}
+    return jnp.repeat(images, sets, axis=0), {**batch, **flat}, sets
 
 
 def target_features(target_params, images, models: Models) -> jax.Array:

@@ -90,9 +90,9 @@ def compute_health(params, target_params, batch: dict, models: step_lib.Models) 
     b, n, d = h.shape
     pooled = h.mean(1)
     # The loss's targets, gathered at the target blocks of every mask set.
-    features = step_lib.target_features(target_params, images, models)
-    images, features, batch = step_lib.per_mask_set(images, features, batch)
-    targets = step_lib.gather_targets(features, batch["target_idx"])
+    targets = step_lib.gather_targets(step_lib.target_features(target_params, images, models), batch["target_idx"])
+    targets = targets.reshape((-1,) + targets.shape[-3:])
+    images, batch, _ = step_lib.per_mask_set(images, batch)
     pred = step_lib.predict(params, images, batch, models)
     valid = batch["target_valid"]
     return {
