@@ -23,7 +23,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, masks, optim, sharding
+from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, masks, optim, peers, sharding
 from ijepa_jax import workdir as workdir_lib
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import device_augment, pipeline, sources
@@ -440,15 +440,20 @@ def main(argv) -> None:
     )
     config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())  # before the work dir is made
     route_library_logs(FLAGS.workdir, show_info=bad_input.verbosity_given())
+
+    def silent(peer: int, seconds: float) -> str:
+        return peer_failure_line(f"process {peer} stopped responding (no heartbeat for {seconds:.0f} s)", FLAGS.workdir)
+
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        with peers.watch(silent):
+            train(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt:
         sys.exit(f"interrupted; {_saved_state(FLAGS.workdir)}.")
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
-        # A peer that died or hangs fails the next collective (or the coordination service's heartbeat).
-        sys.exit(peer_failure_line(e, FLAGS.workdir))
+        # A peer that died or hangs fails the next collective.
+        sys.exit(peer_failure_line(f"another process stopped responding ({checkpoint.first_line(e)})", FLAGS.workdir))
 
 
 def _saved_state(workdir: str) -> str:
@@ -458,12 +463,10 @@ def _saved_state(workdir: str) -> str:
     return f"saved state is at step {step} in {checkpoint.checkpoint_dir(workdir)}; run the same command to resume"
 
 
-def peer_failure_line(error: BaseException, workdir: str) -> str:
-    """The one line a process prints when a collective or jax's distributed runtime fails in a
-    multi-process run: which process, the runtime's own first line, and what is saved."""
-    me, count = jax.process_index(), jax.process_count()
-    return (f"error: process {me} of {count}: another process stopped responding ({checkpoint.first_line(error)}); "
-            f"{_saved_state(workdir)}.")
+def peer_failure_line(what: str, workdir: str) -> str:
+    """The one line a process of a multi-process run prints when a peer dies or hangs (`what`: how it
+    showed): which process this is, and what is saved."""
+    return f"error: process {jax.process_index()} of {jax.process_count()}: {what}; {_saved_state(workdir)}."
 
 
 if __name__ == "__main__":

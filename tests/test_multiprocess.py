@@ -143,7 +143,9 @@ def seen(workdir, process: int) -> list[str]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    """Complete checkpoints only: orbax writes each into N.orbax-checkpoint-tmp first."""
+    names = (os.path.basename(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    return sorted(int(name) for name in names if name.isdigit())
 
 
 def one_process_stream(workdir, num_batches: int) -> list[str]:
@@ -245,6 +247,37 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step_and_exits_0(tmp_path
     assert "preempted: saved step" not in logs[1]  # only process 0 prints the run's console lines
     assert checkpoint_steps(workdir) == [saved]  # one step, written by both: not a periodic save (every 1000)
     assert records(workdir)[-1]["step"] <= saved
+
+
+@pytest.mark.slow  # waits for jax's distributed runtime to notice the dead process
+def test_sigkill_of_one_process_leaves_the_other_one_line_naming_the_saved_step_and_a_rerun_resumes(tmp_path):
+    """Process 1 is killed (no handler can run) after the checkpoint of step 4: process 0 ends with a
+    non-zero exit and one project line naming the saved step; no Python traceback. The same command on
+    two fresh processes resumes from that checkpoint."""
+    workdir = tmp_path / "killed"
+    processes = start(workdir, 2, "--config.total_steps=2000", "--config.checkpoint.every_steps=4")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not (4 in checkpoint_steps(workdir) and len(records(workdir)) >= 6):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "no progress"
+            time.sleep(0.5)
+        processes[1].kill()
+        code = processes[0].wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    finally:
+        for p in processes:
+            p.kill()
+    with open(processes[0].log_path) as f:
+        log = f.read()
+    assert code not in (0, "timeout"), log[-3000:]
+    saved = max(checkpoint_steps(workdir))
+    assert "error: process 0 of 2: process 1 stopped responding (no heartbeat for 45 s); " in log, log[-3000:]
+    assert f"saved state is at step {saved} in" in log, log[-3000:]
+    assert "Traceback" not in log and "Check failure stack trace" not in log, log[-3000:]  # no C++ abort
+    logs = run(workdir, 2, f"--config.total_steps={saved + 2}", "--config.checkpoint.every_steps=4")
+    assert f"checkpoints step {saved}" in logs[0], logs[0][-3000:]
+    assert records(workdir)[-1]["step"] == saved + 2
 
 
 def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path):

@@ -463,13 +463,11 @@ def test_real_cifar100_vit_tiny_50_steps_loss_falls(tmp_path, shared_data):
 
 
 def test_a_failed_peer_is_one_line_naming_the_saved_step(tmp_path):
-    """What a multi-process run's survivor prints when a collective or jax's distributed runtime fails:
-    the runtime's first line and the newest complete checkpoint (orbax's temporary folders skipped)."""
+    """What a multi-process run's survivor prints when a peer dies: how it showed and the newest complete
+    checkpoint (orbax's temporary folders skipped)."""
     for name in ("4", "8", "12.orbax-checkpoint-tmp-1701"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: ijepa_jax\nmore details")
-    line = train.peer_failure_line(error, str(tmp_path))
-    assert line.startswith("error: process 0 of 1: another process stopped responding (JaxRuntimeError: "
-                           "DEADLINE_EXCEEDED: Barrier timed out"), line
+    line = train.peer_failure_line("process 1 stopped responding (no heartbeat for 45 s)", str(tmp_path))
+    assert line.startswith("error: process 0 of 1: process 1 stopped responding (no heartbeat for 45 s); "), line
     assert f"saved state is at step 8 in {tmp_path / 'checkpoints'}" in line and "\n" not in line
-    assert "no checkpoint was saved" in train.peer_failure_line(error, str(tmp_path / "elsewhere"))
+    assert "no checkpoint was saved" in train.peer_failure_line("x", str(tmp_path / "elsewhere"))
