@@ -11,7 +11,8 @@ TensorBoard scalars to OUT/tensorboard, OUT being WORKDIR/eval by default.
 The attentive probe (`--protocols=linear,knn,attentive`) trains on the last
 layer's patch tokens, kept in host memory (float16), not cached on disk: they
 come from the pooled features' pass, or from a pass of their own when those
-come from the cache.
+come from the cache. `finetune` (eval/finetune.py) trains the whole encoder
+and a linear head for `eval.finetune_epochs` on the labelled images.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from ml_collections import config_flags
 from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
-from ijepa_jax.eval import attentive, knn, probe
+from ijepa_jax.eval import attentive, finetune, knn, probe
 
 PROTOCOLS = ("linear", "knn", "lowshot")  # the default
-ALL_PROTOCOLS = PROTOCOLS + ("attentive",)  # attentive: opt-in, it trains a head on every patch token
+# Opt-in: attentive trains a head on every patch token, finetune the whole encoder.
+ALL_PROTOCOLS = PROTOCOLS + ("attentive", "finetune")
 
 
 @dataclasses.dataclass
@@ -206,6 +208,14 @@ def evaluate(config, enc: EncoderUnderTest, out_dir: str, protocols=PROTOCOLS) -
     extraction_s = time.time() - t
     results = run_protocols(config, (train_f, train_y), (test_f, test_y), len(train_src.class_names), protocols,
                             tokens=tokens, num_heads=enc.encoder.num_heads)
+    if "finetune" in protocols:
+        t = time.time()
+        size = image_size_for(config, enc)
+        results["finetune"] = finetune.finetune(
+            enc.encoder, enc.params, features_lib.centre_crops(train_src, size), features_lib.centre_crops(test_src, size),
+            len(train_src.class_names), *normalization_of(config, enc), mesh,
+            finetune.FinetuneSettings.from_config(config.eval))
+        results["finetune"]["seconds"] = time.time() - t
     results["features"] = {
         "train_images": len(train_y), "test_images": len(test_y), "classes": len(train_src.class_names),
         "dim": int(train_f.shape[-1]), "image_size": image_size_for(config, enc), "seconds": extraction_s,
@@ -223,8 +233,9 @@ def summary_rows(results: dict) -> dict:
         rows[f"linear_{variant}"] = r["top1"]
     for name, r in results.get("lowshot", {}).items():
         rows[f"lowshot_{name}"] = r["top1_mean"]
-    if "attentive" in results:
-        rows["attentive"] = results["attentive"]["top1"]
+    for protocol in ("attentive", "finetune"):
+        if protocol in results:
+            rows[protocol] = results[protocol]["top1"]
     return rows
 
 
@@ -261,7 +272,7 @@ def define_flags(fv) -> None:
     flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).", flag_values=fv)
     flags.DEFINE_string("encoder", "", "An exported encoder (tools/export_encoder) instead of --workdir.", flag_values=fv)
     flags.DEFINE_string("protocols", ",".join(PROTOCOLS),
-                        "Comma-separated: linear, knn, lowshot, attentive (opt-in: a head on the patch tokens).",
+                        "Comma-separated: linear, knn, lowshot; opt-in: attentive (a head on the patch tokens), finetune.",
                         flag_values=fv)
     flags.DEFINE_bool(
         "baseline", True, "Also evaluate a randomly initialised encoder of the same architecture.", flag_values=fv

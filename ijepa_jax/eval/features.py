@@ -81,6 +81,15 @@ def make_extractor(encoder: vit.Encoder, mean, std, mesh, tokens: bool = False):
     )
 
 
+def centre_crops(source, image_size: int) -> tuple:
+    """(uint8 images (N, S, S, 3), labels (N,) int32) of every record of `source`, in order: what the
+    features are computed from, in host memory (the fine-tuning protocol trains on them)."""
+    ds = grain.MapDataset.source(source).map(CentreCrop(image_size)).batch(1024, drop_remainder=False)
+    batches = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
+    return (np.concatenate([b["image"] for b in batches]),
+            np.concatenate([b["label"] for b in batches]).astype(np.int32))
+
+
 def extract_features(extractor, params, source, image_size: int, batch_size: int, mesh, name: str = "") -> tuple:
     """(features, labels (N,) int32) for every record of `source`, in order: features (N, L, D)
     float32, or from a tokens extractor the pair (those, (N, T, D) float16 tokens)."""
