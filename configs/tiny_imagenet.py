@@ -5,7 +5,8 @@
     python -m ijepa_jax.train --config configs/tiny_imagenet.py:vit_tiny --workdir runs/tin \
         --config.data.root=/tmp/tiny-imagenet-100cls
 
-Argument: vit_tiny (default) or vit_small, optionally followed by ',smoke'. Patch 8 on 64px crops gives the same
+Argument: vit_tiny (default) or vit_small, optionally followed by ',smoke' and/or
+',reference' (the reference's EMA and objective alone; configs/cifar100.py). Patch 8 on 64px crops gives the same
 8x8 grid as CIFAR-100 at 32/4, so the recipe is config_lib.small_scale_recipe;
 real ImageNet-style JPEGs read from class folders (train/, scored on val/).
 """
@@ -14,9 +15,10 @@ from ijepa_jax import config_lib
 
 
 def get_config(arg: str = "vit_tiny"):
-    model, is_smoke = config_lib.parse_config_arg(arg, config_lib.SMALL_SCALE_PREDICTORS, "vit_tiny")
+    model, options = config_lib.parse_config_arg(arg, config_lib.SMALL_SCALE_PREDICTORS, "vit_tiny")
     # One epoch of 30,000 images at batch 256 is 117 steps.
-    c = config_lib.small_scale_recipe(model, patch_size=8, crop_size=64, steps_per_epoch=117)
+    c = config_lib.small_scale_recipe(model, patch_size=8, crop_size=64, steps_per_epoch=117,
+                                      reference="reference" in options)
     c.data.update(source="folder", root="", num_workers=2)
     c.eval.test_split = "val"
-    return config_lib.smoke(c) if is_smoke else c
+    return config_lib.smoke(c) if "smoke" in options else c

@@ -113,6 +113,12 @@ def default_config() -> ml_collections.ConfigDict:
         attentive_epochs=20,  # the attentive probe (opt-in: evaluate --protocols=...,attentive)
         attentive_lrs=(3e-4, 1e-3, 3e-3),  # AdamW lrs swept, chosen on a held-out 10% of the train split
         attentive_batch_size=256,
+        finetune_epochs=5,  # end-to-end fine-tuning (opt-in: evaluate --protocols=...,finetune)
+        finetune_lr=5e-4,  # AdamW, one lr (no sweep), the same for the pretrained and random-init encoders
+        finetune_batch_size=256,
+        finetune_weight_decay=0.05,
+        finetune_warmup_epochs=1.0,
+        finetune_flip=True,  # random horizontal flips of the labelled images
         lowshot_per_class=(1, 5, 10),
         lowshot_seeds=3,
         lowshot_variant="last4_bn",
@@ -206,13 +212,21 @@ def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
 SMALL_SCALE_PREDICTORS = {"vit_tiny": (6, 96), "vit_small": (6, 192)}
 
 
-def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_per_epoch: int):
+def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_per_epoch: int,
+                       reference: bool = False):
     """10 epochs on an 8x8 patch grid (CIFAR-100 at 32/4, Tiny-ImageNet at 64/8), one GPU or a CPU.
 
-    Batch 256, 1 warmup epoch, the reference's lr / weight-decay / EMA ranges,
+    Batch 256, 1 warmup epoch, the reference's lr / weight-decay ranges,
     corrected masks with min_keep 4 (on an 8x8 grid the reference's blocks
     never touch the last row or column: 15 of 64 patches), a checkpoint every
     epoch (`steps_per_epoch`).
+
+    Two deviations from the reference make it learn at this budget (docs/results.md: the reference's
+    objective alone ends below a random-init encoder on every protocol; with these, +6.1 points of
+    best linear probe and +8.1 of 20-NN on CIFAR-100): a fixed EMA of 0.98 instead of 0.996 -> 1, and
+    VICReg's variance/covariance term on the context features with weight 1.0 (optim.var_cov_weight;
+    docs/reference-parity.md, deviation 7). It is still masked latent prediction with an EMA target
+    encoder. `reference=True` (the config argument ',reference') keeps the reference's EMA and no term.
     """
     if model_name not in SMALL_SCALE_PREDICTORS:
         raise ValueError(f"model {model_name!r}: choose one of {sorted(SMALL_SCALE_PREDICTORS)}.")
@@ -225,6 +239,8 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, steps_p
     c.mask.update(mode="corrected", min_keep=4)
     c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
+    if not reference:
+        c.optim.update(ema=(0.98, 0.98), var_cov_weight=1.0)
     c.checkpoint.every_steps = steps_per_epoch
     c.log_every_steps = 10
     return c
@@ -242,21 +258,26 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         context_scale=(0.9, 1.0), min_keep=2, context_tokens=6,
     )
     c.optim.update(epochs=2, warmup_epochs=1, lr=1e-3, start_lr=1e-4)
-    c.eval.update(batch_size=64, probe_epochs=5, attentive_epochs=2, monitor_train_samples_per_class=5,
-                  monitor_test_samples_per_class=2)
+    c.eval.update(batch_size=64, probe_epochs=5, attentive_epochs=2, finetune_epochs=1,
+                  monitor_train_samples_per_class=5, monitor_test_samples_per_class=2)
     c.total_steps, c.log_every_steps = 20, 5
     c.checkpoint.every_steps = 10
     return c
 
 
-def parse_config_arg(arg: str, choices, default: str) -> tuple[str, bool]:
-    """'vit_small' -> ('vit_small', False); 'vit_tiny,smoke' or 'smoke' -> (..., True)."""
+CONFIG_ARG_OPTIONS = ("smoke", "reference")
+
+
+def parse_config_arg(arg: str, choices, default: str) -> tuple[str, frozenset]:
+    """'vit_small' -> ('vit_small', {}); 'vit_tiny,smoke,reference' or 'smoke' -> (..., {'smoke', ...}):
+    a model name from `choices` and any of CONFIG_ARG_OPTIONS."""
     parts = [p for p in arg.split(",") if p]
-    is_smoke = "smoke" in parts
-    names = [p for p in parts if p != "smoke"] or [default]
+    options = frozenset(p for p in parts if p in CONFIG_ARG_OPTIONS)
+    names = [p for p in parts if p not in CONFIG_ARG_OPTIONS] or [default]
     if len(names) != 1 or names[0] not in choices:
-        raise ValueError(f"config argument {arg!r}: give one of {sorted(choices)}, optionally followed by ',smoke'.")
-    return names[0], is_smoke
+        raise ValueError(f"config argument {arg!r}: give one of {sorted(choices)}, optionally followed by "
+                         f"{', '.join(',' + o for o in CONFIG_ARG_OPTIONS)}.")
+    return names[0], options
 
 
 # Real-valued keys: each a finite number (inf and nan pass every comparison-based range check below).
@@ -370,6 +391,14 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
         )
     if not e.attentive_lrs or min(e.attentive_lrs) <= 0:
         raise ValueError(f"eval.attentive_lrs={tuple(e.attentive_lrs)} need at least one value, all > 0.")
+    if e.finetune_epochs < 1 or e.finetune_batch_size < 1 or not e.finetune_lr > 0 or e.finetune_weight_decay < 0:
+        raise ValueError(
+            f"eval.finetune_epochs={e.finetune_epochs} and eval.finetune_batch_size={e.finetune_batch_size} must be "
+            f">= 1, eval.finetune_lr={e.finetune_lr} > 0 and eval.finetune_weight_decay={e.finetune_weight_decay} >= 0."
+        )
+    if not 0 <= e.finetune_warmup_epochs <= e.finetune_epochs:
+        raise ValueError(f"eval.finetune_warmup_epochs={e.finetune_warmup_epochs} must be in [0, eval.finetune_epochs="
+                         f"{e.finetune_epochs}].")
     if min(e.lowshot_per_class, default=1) < 1 or e.lowshot_seeds < 1:
         raise ValueError(
             f"eval.lowshot_per_class={tuple(e.lowshot_per_class)} must be >= 1 each, "

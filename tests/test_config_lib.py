@@ -241,3 +241,20 @@ def test_smoke_argument_gives_the_tiny_variant_of_the_same_config(filename):
     config_lib.validate(smoke, num_devices=8)
     with pytest.raises(ValueError, match="smoke"):
         get_config(filename, "vit_huge,smoke")
+
+
+@pytest.mark.parametrize("filename", ["cifar100.py", "tiny_imagenet.py"])
+def test_the_small_scale_default_differs_from_the_reference_recipe_in_the_ema_and_the_penalty_only(filename):
+    """What ships (docs/results.md: the best setting found) against ',reference', one switch away."""
+    from ijepa_jax import workdir
+
+    shipped, reference = get_config(filename, "vit_tiny"), get_config(filename, "vit_tiny,reference")
+    assert tuple(shipped.optim.ema) == (0.98, 0.98) and shipped.optim.var_cov_weight == 1.0
+    assert tuple(reference.optim.ema) == (0.996, 1.0) and reference.optim.var_cov_weight == 0.0
+    assert tuple(reference.optim.ema) == tuple(config_lib.default_config().optim.ema)  # the reference's
+    changed = workdir.differences(reference.to_dict(), shipped.to_dict())
+    assert sorted(c.split(":")[0] for c in changed) == ["optim.ema", "optim.var_cov_weight"], changed
+    both = get_config(filename, "vit_tiny,smoke,reference")
+    assert both.model.name == "vit_micro" and both.optim.var_cov_weight == 0.0
+    with pytest.raises(ValueError, match=",reference"):
+        get_config(filename, "vit_tiny,refrence")
