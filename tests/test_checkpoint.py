@@ -91,6 +91,7 @@ def test_resume_restores_the_data_position_so_masks_continue(continuous_run, tmp
         np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(batch[key]))
 
 
+@pytest.mark.slow  # two subprocess runs; bitwise resume runs by default in test_stopped_and_resumed_run_equals_the_continuous_one_bitwise
 def test_resume_with_another_worker_count_continues_bitwise(continuous_run, tmp_path):
     """The data position is a batch index, not grain's iterator state (whose format depends on the
     worker count): a run saved with 0 workers resumes with 2 and matches the continuous run exactly."""
@@ -102,6 +103,7 @@ def test_resume_with_another_worker_count_continues_bitwise(continuous_run, tmp_
     assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
 
 
+@pytest.mark.slow  # the same handler runs by default in tests/test_train.py (Ctrl-C) and tests/test_multiprocess.py (SIGTERM)
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
     """A real training process gets SIGTERM: it saves, exits 0, and the same command resumes after it."""
     overrides = {"optim.epochs": 1000, "checkpoint.every_steps": 0, "log_every_steps": 1}

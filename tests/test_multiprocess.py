@@ -280,6 +280,7 @@ def test_sigkill_of_one_process_leaves_the_other_one_line_naming_the_saved_step_
     assert records(workdir)[-1]["step"] == saved + 2
 
 
+@pytest.mark.slow  # FSDP resharding and export run by default in one process (tests/test_checkpoint.py)
 def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path):
     """mesh.fsdp=4 splits ViT-Tiny's kernels over both processes' devices. The k-NN monitor and the
     end-of-run export work on the sharded state and agree with a one-process restore of its checkpoint."""

@@ -72,6 +72,7 @@ def test_the_head_equals_cross_attention_pooling_written_out(num_queries):
     np.testing.assert_allclose(ours, numpy_head(params, x, heads), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the same streaming as probe.train_heads, tested by default in tests/eval/test_probe.py
 def test_tokens_are_streamed_in_blocks_or_taken_by_rows_without_changing_the_heads():
     x, y = one_token_carries_the_class(96, seed=2, dim=8)
     kw = dict(num_classes=4, num_heads=2, epochs=2, batch_size=16)

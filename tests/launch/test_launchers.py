@@ -157,6 +157,7 @@ def smoke_sweep(tmp_path_factory):
     return tmp_path, gpu_sweep(tmp_path, *SMOKE, "--budget_s", "500", "--first_point_s", "1")
 
 
+@pytest.mark.slow  # a whole sweep through the launcher; tests/tools/test_sweep.py runs the runner by default
 def test_gpu_sweep_runs_a_smoke_sweep_into_out(smoke_sweep):
     tmp_path, proc = smoke_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -378,7 +378,10 @@ def test_scanned_stack_matches_unrolled(micro):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan,policy", [(False, "full"), (True, "full"), (True, "dots"), (False, "dots_no_batch")])
+@pytest.mark.parametrize("scan,policy", [
+    (False, "full"), pytest.param(True, "full", marks=pytest.mark.slow), (True, "dots"),
+    pytest.param(False, "dots_no_batch", marks=pytest.mark.slow),  # two policies and both stacks run by default
+])
 def test_remat_changes_nothing(micro, scan, policy):
     """remat=True (recompute each block in the backward pass), under every remat policy, gives the
     same outputs and gradients."""
@@ -534,6 +537,7 @@ def optax_sgd():
     return optax.sgd(0.1)
 
 
+@pytest.mark.slow  # the cuDNN path runs on NVIDIA GPUs only; its shapes are checked by default (test_cudnn_attention_gets_shapes_cudnn_trains_with)
 def test_cudnn_arguments_mean_the_same_as_xla_masks(monkeypatch):
     """The cuDNN-configured models (key_value_seq_lengths for the context, broadcast masks for the
     predictor), run through XLA's implementation on CPU, give the loss of the XLA models, and the

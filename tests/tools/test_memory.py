@@ -24,6 +24,7 @@ def vit_tiny(**mesh):
                            **{f"mesh.{k}": v for k, v in mesh.items()}})
 
 
+@pytest.mark.slow  # compiles ViT-Tiny twice on 8 devices; the command line and mesh checks run by default
 def test_replicated_state_is_the_parameter_count_and_fsdp_divides_it():
     assert jax.device_count() == 8
     replicated = memory.step_memory(vit_tiny(data=8, fsdp=1))
