@@ -210,6 +210,7 @@ def test_device_augmentation_on_two_processes_trains_to_the_host_paths_losses(tw
     assert [r["loss"] for r in records(tmp_path / "device")] == [r["loss"] for r in records(workdir)][:4]
 
 
+@pytest.mark.slow  # the flag is one global value; the one-process test runs by default (tests/test_train.py)
 def test_a_nan_gradient_on_two_processes_stops_both_before_saving_it(tmp_path):
     """Step 3's gradient is NaN on both processes: both stop at step 3 with one clear line, exit 1, and the
     checkpoint of step 2 (saved every 2 steps) is the only one."""
