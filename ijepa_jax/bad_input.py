@@ -262,8 +262,8 @@ def reading_checkpoint(workdir: str):
 
 
 def restore_target_encoder(workdir: str, step: int | None = None) -> tuple:
-    """checkpoint.restore_target_encoder, a damaged checkpoint named (reading_checkpoint)."""
-    from ijepa_jax import checkpoint
+    """encoder_export.restore_target_encoder, a damaged checkpoint named (reading_checkpoint)."""
+    from ijepa_jax import encoder_export
 
     with reading_checkpoint(workdir):
-        return checkpoint.restore_target_encoder(workdir, step)
+        return encoder_export.restore_target_encoder(workdir, step)

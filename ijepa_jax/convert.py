@@ -21,7 +21,7 @@ inferred from the tensor shapes and checked against --config when given.
 --workdir writes a step-0 checkpoint with a fresh optimizer (the reference's
 epoch, loss, ... go to config.converted_from) that `evaluate --workdir`,
 `checkpoint.init_from` and `tools/export_encoder` accept; --export writes the
-target encoder alone (checkpoint.export_target_encoder's format); `hf_export`
+target encoder alone (encoder_export.export_target_encoder's format); `hf_export`
 goes the other way. A bad input is one line on stderr and exit status 1.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, config_lib, optim
+from ijepa_jax import bad_input, checkpoint, config_lib, encoder_export, optim
 from ijepa_jax import step as step_lib
 from ijepa_jax.models import vit
 from ijepa_jax.weight_layouts import Arch
@@ -124,7 +124,7 @@ def encoder_params(sd: dict, a: Arch, scan: bool, where: str = "encoder", put=np
 def encoder_state_dict(params: dict, grid: int) -> dict:
     """The inverse of encoder_params: vit.Encoder parameters -> a float32 reference state dict, its
     pos_embed the fixed sin-cos table of `grid` (which our encoder computes rather than stores)."""
-    params = checkpoint.unstack_blocks(params)
+    params = encoder_export.unstack_blocks(params)
     out = {}
 
     def take(spec, tree, prefix=""):
@@ -252,7 +252,7 @@ def convert(source_path: str, workdir: str = "", export: str = "", config=None, 
     if export:
         # Unrolled, whatever the config says: the export format holds 'blocks_i'.
         target = encoder_params(source.target_encoder, source.arch, scan=False, where="target_encoder")
-        checkpoint.export_target_encoder(target, config, export)
+        encoder_export.export_target_encoder(target, config, export)
     return {"arch": dataclasses.asdict(source.arch), **source.info, "seconds": time.perf_counter() - t}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, sharding
+from ijepa_jax import bad_input, compilation_cache, config_lib, encoder_export, files, sharding
 from ijepa_jax.data import sources
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import attentive, finetune, knn, probe
@@ -56,14 +56,14 @@ class EncoderUnderTest:
 
 def from_workdir(workdir: str, step: int | None = None, which: str = "target") -> EncoderUnderTest:
     """A run's target (EMA) encoder, as the reference evaluates, or with `which='online'` its online one."""
-    params, config, step = checkpoint.restore_target_encoder(workdir, step, which)
-    encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
+    params, config, step = encoder_export.restore_target_encoder(workdir, step, which)
+    encoder = encoder_export.unrolled_encoder(config.model.name, config.model.patch_size)
     tag = f"step{step}" if which == "target" else f"step{step}_{which}"
     return EncoderUnderTest(tag, encoder, params, config.model.patch_size, config.data.crop_size)
 
 
 def from_export(path: str) -> EncoderUnderTest:
-    encoder, params, info = checkpoint.load_encoder(path)
+    encoder, params, info = encoder_export.load_encoder(path)
     tag = "export_" + features_lib.cache_key(path=os.path.abspath(path), mtime=os.path.getmtime(path))
     normalization = (tuple(info["mean"]), tuple(info["std"])) if "mean" in info else None
     return EncoderUnderTest(tag, encoder, params, info["patch_size"], info["crop_size"], normalization)

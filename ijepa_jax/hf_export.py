@@ -8,7 +8,7 @@
     features = IJepaModel.from_pretrained("ijepa_hf/")(pixel_values).last_hidden_state
 
 --source: a run's workdir (its target encoder), an export of
-checkpoint.export_target_encoder (.msgpack), or anything `convert` reads (of a
+encoder_export.export_target_encoder (.msgpack), or anything `convert` reads (of a
 reference checkpoint, the TARGET encoder: the Hugging Face hub's copy holds the
 online one). The folder holds config.json, model.safetensors (float32, in the
 layout save_pretrained writes by default, which every transformers version
@@ -26,7 +26,7 @@ import os
 
 from absl import flags
 
-from ijepa_jax import bad_input, checkpoint, config_lib, convert, weight_layouts, weight_sources
+from ijepa_jax import bad_input, config_lib, convert, encoder_export, weight_layouts, weight_sources
 from ijepa_jax.models import vit
 from ijepa_jax.weight_files import write_safetensors
 
@@ -44,7 +44,7 @@ def load_target_encoder(source: str, step: int | None = None, online_as_target: 
     if step is not None:
         raise ValueError(f"--step applies to a workdir; {source} is not one (it has no checkpoints/ folder).")
     if source.endswith(".msgpack"):
-        _, params, info = checkpoint.load_encoder(source)
+        _, params, info = encoder_export.load_encoder(source)
         if "mean" not in info or "std" not in info:  # an export older than the normalisation it records
             logging.warning("%s records no mean / std: ImageNet's go into preprocessor_config.json", source)
             info = {"mean": config_lib.IMAGENET_MEAN, "std": config_lib.IMAGENET_STD, **info}

@@ -23,7 +23,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, files, masks, optim, peers, sharding
+from ijepa_jax import bad_input, checkpoint, compilation_cache, config_lib, encoder_export, files, masks, optim, peers, sharding
 from ijepa_jax import workdir as workdir_lib
 from ijepa_jax import step as step_lib
 from ijepa_jax.data import device_augment, pipeline, sources
@@ -211,7 +211,7 @@ def _run(exp: Experiment, manager, workdir: str) -> dict:
         raise FloatingPointError(_diverged_message(e, manager, workdir)) from e
     manager.wait_until_finished()
     if exp.config.checkpoint.export_at_end and int(state.step) == exp.total_steps:
-        path = checkpoint.export_target_encoder(
+        path = encoder_export.export_target_encoder(
             state.target_params, exp.config, files.path(workdir) / "target_encoder.msgpack"
         )
         if jax.process_index() == 0:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from ijepa_jax import checkpoint, train
+from ijepa_jax import checkpoint, encoder_export, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"checkpoint.every_steps": 3, "checkpoint.async_save": True}
@@ -208,7 +208,7 @@ def test_exported_target_encoder_loads_back_and_matches_the_checkpoint(tmp_path)
     """target_encoder.msgpack (unrolled blocks) gives the same features as the scanned target encoder."""
     config = small_config(total_steps=2, **{"model.scan_layers": True})
     train.train(config, str(tmp_path))
-    encoder, params, info = checkpoint.load_encoder(str(tmp_path / "target_encoder.msgpack"))
+    encoder, params, info = encoder_export.load_encoder(str(tmp_path / "target_encoder.msgpack"))
     assert info == {"name": "vit_micro", "patch_size": 4, "crop_size": 16, "mean": list(config.data.mean),
                     "std": list(config.data.std)}
     assert "blocks_0" in params["stack"] and "blocks" not in params["stack"]
@@ -423,22 +423,22 @@ def test_missing_init_from_and_unknown_restore_step_are_errors(continuous_run, t
 
 def test_export_from_a_workdir_equals_the_end_of_run_export(continuous_run, tmp_path):
     """tools/export_encoder's path: the latest checkpoint's target encoder, restored on any topology."""
-    out = checkpoint.export_from_workdir(continuous_run, str(tmp_path / "enc.msgpack"))
-    _, a, _ = checkpoint.load_encoder(out)
-    _, b, _ = checkpoint.load_encoder(os.path.join(continuous_run, "target_encoder.msgpack"))
+    out = encoder_export.export_from_workdir(continuous_run, str(tmp_path / "enc.msgpack"))
+    _, a, _ = encoder_export.load_encoder(out)
+    _, b, _ = encoder_export.load_encoder(os.path.join(continuous_run, "target_encoder.msgpack"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="No checkpoint step 4"):
-        checkpoint.export_from_workdir(continuous_run, str(tmp_path / "x.msgpack"), step=4)
+        encoder_export.export_from_workdir(continuous_run, str(tmp_path / "x.msgpack"), step=4)
 
 
 def test_load_encoder_rejects_files_that_are_not_exports(tmp_path):
     bad = tmp_path / "bad.msgpack"
     bad.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="not"):
-        checkpoint.load_encoder(str(bad))
+        encoder_export.load_encoder(str(bad))
     with pytest.raises(FileNotFoundError):
-        checkpoint.load_encoder(str(tmp_path / "missing.msgpack"))
+        encoder_export.load_encoder(str(tmp_path / "missing.msgpack"))
 
 
 def test_restoring_an_older_step_with_newer_ones_present_is_refused(continuous_run):

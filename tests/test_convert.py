@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import numpy_ijepa
-from ijepa_jax import checkpoint, convert, train, weight_files
+from ijepa_jax import checkpoint, convert, encoder_export, train, weight_files
 from ijepa_jax.models import vit
 from weight_fixtures import (
     GIANT16,
@@ -243,7 +243,7 @@ def test_released_shapes_match_the_numpy_reference(tmp_path, sizes, dims):
 
 def test_huggingface_safetensors_export_matches_the_numpy_reference(tmp_path, sizes):
     """An IJepaModel folder (model.safetensors, config.json) of ViT-H/14 shape -> --export; the exported
-    target encoder loads with checkpoint.load_encoder and reproduces the reference forward."""
+    target encoder loads with encoder_export.load_encoder and reproduces the reference forward."""
     sd = plain(reference_checkpoint(HUGE14)["encoder"])
     folder = tmp_path / "ijepa_vith14_1k"
     folder.mkdir()
@@ -251,7 +251,7 @@ def test_huggingface_safetensors_export_matches_the_numpy_reference(tmp_path, si
     (folder / "config.json").write_text(json.dumps({"layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}))
     summary = convert.convert(str(folder), export=str(tmp_path / "enc.msgpack"))
     assert summary["format"] == "huggingface" and summary["arch"]["pred_depth"] is None
-    _, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
+    _, params, info = encoder_export.load_encoder(str(tmp_path / "enc.msgpack"))
     assert info == {"name": "vit_huge_2blocks", "patch_size": 14, "crop_size": 224,
                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as the reference
     images, _, _ = problem(HUGE14, batch=1)
@@ -362,17 +362,17 @@ def test_refuses_a_workdir_that_holds_checkpoints(tmp_path):
 
 
 def test_converted_checkpoint_restores_exports_and_starts_a_run(tmp_path):
-    """checkpoint.restore_target_encoder and export_from_workdir read the converted workdir; as
+    """encoder_export.restore_target_encoder and export_from_workdir read the converted workdir; as
     checkpoint.init_from it starts train.train (2 steps) from exactly the converted weights."""
     ckpt = reference_checkpoint(MICRO)
     save_torch(ckpt, tmp_path / "ref.pth.tar")
     convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=micro_config())
-    params, config, step = checkpoint.restore_target_encoder(str(tmp_path / "converted"))
+    params, config, step = encoder_export.restore_target_encoder(str(tmp_path / "converted"))
     assert step == 0 and config.model.name == "vit_micro"
     images, _, _ = problem(MICRO)
     assert encoder_gap(params, plain(ckpt["target_encoder"]), MICRO, images)[0] <= ATOL
-    exported = checkpoint.export_from_workdir(str(tmp_path / "converted"), str(tmp_path / "enc.msgpack"))
-    _, exported_params, _ = checkpoint.load_encoder(exported)
+    exported = encoder_export.export_from_workdir(str(tmp_path / "converted"), str(tmp_path / "enc.msgpack"))
+    _, exported_params, _ = encoder_export.load_encoder(exported)
     for x, y in zip(jax.tree.leaves(exported_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -411,7 +411,7 @@ def test_command_line(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vit_micro/4 at 16px, predictor 1 x 32, epoch 300" in out.stdout
     assert checkpoint.read_only_manager(str(tmp_path / "run"))[1] == 0
-    assert checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))[2]["name"] == "vit_micro"
+    assert encoder_export.load_encoder(str(tmp_path / "enc.msgpack"))[2]["name"] == "vit_micro"
 
 
 # --------------------------------------------------------------------------- with PyTorch, when installed
@@ -568,7 +568,7 @@ def test_a_converted_encoder_runs_at_another_resolution_with_sincos_positions_of
     ckpt = reference_checkpoint(MICRO)
     save_torch(ckpt, tmp_path / "ref.pth.tar")
     convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "converted"), config=micro_config())
-    params, _, _ = checkpoint.restore_target_encoder(str(tmp_path / "converted"))
+    params, _, _ = encoder_export.restore_target_encoder(str(tmp_path / "converted"))
     images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
     sd = plain(ckpt["target_encoder"])
     sd["pos_embed"] = numpy_ijepa.sincos_table(MICRO[0], 8, 8)[None]

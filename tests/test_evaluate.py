@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from ijepa_jax import checkpoint, evaluate, train
+from ijepa_jax import checkpoint, encoder_export, evaluate, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = {"data.synthetic_images": 120, "eval.probe_epochs": 5, "eval.probe_batch_size": 32,
@@ -77,10 +77,8 @@ def test_the_feature_cache_tells_encoders_with_the_same_tag_apart(run, tmp_path)
 
 def test_an_exported_encoder_brings_its_normalisation(run, tmp_path):
     """The export records mean/std; evaluating it uses them, whatever --config's data section says."""
-    from ijepa_jax import checkpoint
-
-    path = checkpoint.export_from_workdir(run, str(tmp_path / "enc.msgpack"))
-    _, _, info = checkpoint.load_encoder(path)
+    path = encoder_export.export_from_workdir(run, str(tmp_path / "enc.msgpack"))
+    _, _, info = encoder_export.load_encoder(path)
     config = small_config(**EVAL)
     assert info["mean"] == list(config.data.mean) and info["std"] == list(config.data.std)
     enc = evaluate.from_export(path)

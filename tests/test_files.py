@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import small_config
-from ijepa_jax import checkpoint, files, train
+from ijepa_jax import checkpoint, encoder_export, files, train
 
 
 def test_local_paths_become_absolute_and_urls_stay_as_they_are(tmp_path, monkeypatch):
@@ -47,5 +47,5 @@ def test_a_run_in_an_object_store_workdir_writes_resumes_and_exports(tmp_path, o
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5]
     manager, step = checkpoint.read_only_manager(workdir)
     assert step == 5
-    encoder, params, info = checkpoint.load_encoder(os.path.join(workdir, "target_encoder.msgpack"))
+    encoder, params, info = encoder_export.load_encoder(os.path.join(workdir, "target_encoder.msgpack"))
     assert info["name"] == "vit_micro"

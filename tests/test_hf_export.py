@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import numpy_ijepa
-from ijepa_jax import checkpoint, convert, hf_export, weight_files
+from ijepa_jax import convert, encoder_export, hf_export, weight_files
 from ijepa_jax.models import vit
 from weight_fixtures import (
     HUGE14,
@@ -40,7 +40,7 @@ def _folder(path, tensors, config=HF_CONFIG):
 
 
 def _exported(path):
-    _, params, info = checkpoint.load_encoder(str(path))
+    _, params, info = encoder_export.load_encoder(str(path))
     return params, info
 
 
@@ -107,7 +107,7 @@ def test_a_workdir_and_its_msgpack_export_give_the_same_folder(tmp_path):
     save_torch(reference_checkpoint(MICRO), tmp_path / "ref.pth.tar")
     config = micro_config(**{"model.scan_layers": True})
     convert.convert(str(tmp_path / "ref.pth.tar"), workdir=str(tmp_path / "run"), config=config)
-    checkpoint.export_from_workdir(str(tmp_path / "run"), str(tmp_path / "enc.msgpack"))
+    encoder_export.export_from_workdir(str(tmp_path / "run"), str(tmp_path / "enc.msgpack"))
     hf_export.export(str(tmp_path / "run"), str(tmp_path / "a"), step=0)
     hf_export.export(str(tmp_path / "enc.msgpack"), str(tmp_path / "b"))
     for name in ("config.json", "preprocessor_config.json"):
@@ -152,7 +152,7 @@ def test_transformers_runs_the_export_to_the_same_features(tmp_path, huge, dims)
     save_torch(reference_checkpoint(dims), tmp_path / "ref.pth.tar")
     convert.convert(str(tmp_path / "ref.pth.tar"), export=str(tmp_path / "enc.msgpack"))
     hf_export.export(str(tmp_path / "enc.msgpack"), str(tmp_path / "hf"))
-    encoder, params, info = checkpoint.load_encoder(str(tmp_path / "enc.msgpack"))
+    encoder, params, info = encoder_export.load_encoder(str(tmp_path / "enc.msgpack"))
     size = info["crop_size"]
     images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
     ours = np.asarray(jax.jit(encoder.apply)({"params": params}, images))

@@ -287,7 +287,7 @@ def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path
     end-of-run export work on the sharded state and agree with a one-process restore of its checkpoint."""
     from flax import serialization
 
-    from ijepa_jax import checkpoint, sharding
+    from ijepa_jax import encoder_export, sharding
     from ijepa_jax.eval import monitor as monitor_lib
 
     workdir = tmp_path / "fsdp"
@@ -298,7 +298,7 @@ def test_fsdp_over_two_processes_monitors_and_exports_the_sharded_state(tmp_path
     knn_logged = [r for r in records(workdir) if "eval/knn_k20" in r]
     assert [r["step"] for r in knn_logged] == [8]
 
-    params, config, step = checkpoint.restore_target_encoder(str(workdir))
+    params, config, step = encoder_export.restore_target_encoder(str(workdir))
     assert step == 8
     with open(workdir / "target_encoder.msgpack", "rb") as f:
         exported = serialization.msgpack_restore(f.read())["params"]

@@ -135,11 +135,11 @@ def test_init_from_restores_weights_onto_another_fsdp_mesh(tmp_path):
     train.train(small_config(total_steps=1, **{**tiny, "mesh.data": 1, "mesh.fsdp": 8}), source)
     exp = train.build(small_config(total_steps=1, **{**tiny, "mesh.data": 2, "mesh.fsdp": 4,
                                                      "checkpoint.init_from": source}))
-    from ijepa_jax import checkpoint
+    from ijepa_jax import checkpoint, encoder_export
 
     manager = checkpoint.make_manager(str(tmp_path / "new"), exp.config.checkpoint, exp.steps_per_epoch)
     state = train.initial_state(exp, manager, str(tmp_path / "new"))
-    saved, _, _ = checkpoint.restore_target_encoder(source)
+    saved, _, _ = encoder_export.restore_target_encoder(source)
     qkv = state.target_params["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]
     assert qkv.sharding.spec == P(None, sharding.FSDP_AXIS) and qkv.sharding.mesh.shape[sharding.FSDP_AXIS] == 4
     np.testing.assert_array_equal(np.asarray(qkv), np.asarray(saved["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]))

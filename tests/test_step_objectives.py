@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import test_step_golden as golden
 
-from ijepa_jax import checkpoint, optim
+from ijepa_jax import encoder_export, optim
 from ijepa_jax import step as step_lib
 
 
@@ -113,7 +113,7 @@ def test_scanned_encoder_keeps_the_same_last_layers(problem):
     scanned = step_lib.make_models(config, golden.GRID).encoder
     stacked = {**target, "stack": {"blocks": jax.tree.map(lambda *x: jnp.stack(x), *[
         target["stack"][f"blocks_{i}"] for i in range(golden.ENC_DEPTH)])}}
-    assert jax.tree.structure(checkpoint.unstack_blocks(stacked)) == jax.tree.structure(target)
+    assert jax.tree.structure(encoder_export.unstack_blocks(stacked)) == jax.tree.structure(target)
     images = step_lib.normalize(batch["images"], models.mean, models.std)
     _, unrolled_layers = models.encoder.apply({"params": target}, images, keep_layers=2)
     _, scanned_layers = scanned.apply({"params": stacked}, images, keep_layers=2)

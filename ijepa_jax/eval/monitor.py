@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ijepa_jax import checkpoint, evaluate
+from ijepa_jax import encoder_export, evaluate
 from ijepa_jax.eval import features as features_lib
 
 
@@ -18,13 +18,13 @@ class Monitor:
         self.train_src, self.test_src = evaluate.eval_sources(
             config, e.monitor_test_samples_per_class, e.monitor_train_samples_per_class
         )
-        encoder = checkpoint.unrolled_encoder(model_name, patch_size)
+        encoder = encoder_export.unrolled_encoder(model_name, patch_size)
         self.enc = evaluate.EncoderUnderTest("monitor", encoder, None, patch_size, crop_size)
         self.extractor = features_lib.make_extractor(encoder, config.data.mean, config.data.std, mesh)
         self.protocols = tuple(p for p in e.monitor_protocols.split(",") if p)
 
     def __call__(self, target_params) -> dict:
-        enc = dataclasses.replace(self.enc, params=checkpoint.unstack_blocks(target_params))
+        enc = dataclasses.replace(self.enc, params=encoder_export.unstack_blocks(target_params))
 
         def split(src, name):
             return evaluate.features_of(self.config, enc, src, name, None, self.mesh, self.extractor)

@@ -2,8 +2,8 @@
 
     python -m ijepa_jax.tools.export_encoder --workdir runs/c100 [--step 1950] --out encoder.msgpack
 
-Format: see `ijepa_jax.checkpoint.export_target_encoder`; load it back with
-`ijepa_jax.checkpoint.load_encoder(path)`. For a Hugging Face IJepaModel
+Format: see `ijepa_jax.encoder_export.export_target_encoder`; load it back with
+`ijepa_jax.encoder_export.load_encoder(path)`. For a Hugging Face IJepaModel
 folder, see `ijepa_jax.hf_export`. A bad input is one line and exit status 1.
 """
 
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from absl import flags
 
-from ijepa_jax import bad_input, checkpoint
+from ijepa_jax import bad_input, encoder_export
 
 FLAGS = flags.FLAGS
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
-    """checkpoint.export_from_workdir, a damaged checkpoint named as such (bad_input.restore_target_encoder)."""
+    """encoder_export.export_from_workdir, a damaged checkpoint named as such (bad_input.restore_target_encoder)."""
     params, config, _ = bad_input.restore_target_encoder(workdir, step)
-    return checkpoint.export_target_encoder(params, config, out)
+    return encoder_export.export_target_encoder(params, config, out)
 
 
 def define_flags(fv) -> None:

@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path, tuple_parser
 
-from ijepa_jax import bad_input, checkpoint, config_lib, evaluate, files
+from ijepa_jax import bad_input, checkpoint, config_lib, encoder_export, evaluate, files
 from ijepa_jax import train as train_lib
 from ijepa_jax.eval import features as features_lib
 from ijepa_jax.eval import health
@@ -164,7 +164,7 @@ def random_init_row(config, workdir: str, protocols) -> dict:
     if row is None:
         print(f"== random init of {_model(config)} (baseline {key})", flush=True)
         start, m = time.time(), config.model
-        like = evaluate.EncoderUnderTest("random", checkpoint.unrolled_encoder(m.name, m.patch_size), None,
+        like = evaluate.EncoderUnderTest("random", encoder_export.unrolled_encoder(m.name, m.patch_size), None,
                                          m.patch_size, config.data.crop_size)
         enc = evaluate.random_init(like, config.seed)
         results = evaluate.evaluate(config, enc, out, protocols)

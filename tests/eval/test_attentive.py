@@ -126,7 +126,7 @@ def test_evaluate_writes_an_attentive_row_for_the_encoder_and_the_baseline(tmp_p
 
     from conftest import small_config
 
-    from ijepa_jax import checkpoint, evaluate
+    from ijepa_jax import encoder_export, evaluate
 
     passes = []
     real = evaluate.features_lib.extract_features
@@ -135,7 +135,7 @@ def test_evaluate_writes_an_attentive_row_for_the_encoder_and_the_baseline(tmp_p
 
     config = small_config(**{"data.synthetic_images": 120, "eval.attentive_epochs": 2, "eval.attentive_lrs": (1e-3,),
                              "eval.attentive_batch_size": 32})
-    encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
+    encoder = encoder_export.unrolled_encoder(config.model.name, config.model.patch_size)
     like = evaluate.EncoderUnderTest("enc", encoder, None, config.model.patch_size, config.data.crop_size)
     enc = dataclasses.replace(evaluate.random_init(like, seed=1), tag="enc")
     baseline = evaluate.random_init(enc, seed=0)

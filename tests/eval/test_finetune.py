@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from ijepa_jax import checkpoint, evaluate, sharding
+from ijepa_jax import encoder_export, evaluate, sharding
 from ijepa_jax.data.synthetic import SyntheticSource
 from ijepa_jax.eval import features, finetune
 
@@ -17,7 +17,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def micro_encoder(seed=0):
-    encoder = checkpoint.unrolled_encoder("vit_micro", 4)
+    encoder = encoder_export.unrolled_encoder("vit_micro", 4)
     return encoder, encoder.init(jax.random.key(seed), np.zeros((1, 16, 16, 3), np.float32))["params"]
 
 
@@ -55,7 +55,7 @@ def test_fine_tuning_learns_the_classes_and_leaves_the_callers_weights_alone():
 
 def test_evaluate_runs_finetune_on_the_encoder_and_the_baseline_with_the_same_settings(tmp_path):
     config = small_config(**{"data.synthetic_images": 64, "eval.finetune_epochs": 1, "eval.finetune_batch_size": 16})
-    encoder = checkpoint.unrolled_encoder(config.model.name, config.model.patch_size)
+    encoder = encoder_export.unrolled_encoder(config.model.name, config.model.patch_size)
     like = evaluate.EncoderUnderTest("enc", encoder, None, config.model.patch_size, config.data.crop_size)
     enc = dataclasses.replace(evaluate.random_init(like, seed=1), tag="enc")
     all_results = {e.tag: evaluate.evaluate(config, e, str(tmp_path), protocols=("finetune",))
