@@ -7,7 +7,8 @@ an epoch, 10 epochs), on a CPU:
         --sweep configs/sweeps/cifar100_objectives.py --config.data.max_samples_per_class=100 \
         --config.checkpoint.every_steps=39
 
-On all 50,000 images, on one GPU (docs/gpu_sweep.md), the same file with launch/gpu_sweep.sh.
+On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its halves
+cifar100_objectives_targets.py and cifar100_objectives_sets.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
 with EMA momentum 1: the target encoder stays at its initialisation). The control is also what

@@ -280,6 +280,24 @@ def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
     assert set(halves[0][1]) | set(halves[1][1]) == set(points) and "control" in halves[1][1]
 
 
+@pytest.mark.slow  # the sweep files change rarely
+def test_the_objectives_sweep_and_its_gpu_halves_pass_the_sweeps_own_precheck():
+    """Every option point validates and builds; the two halves are the full file's points, control in both."""
+    from ijepa_jax.tools import sweep
+
+    base = config_flags_file("configs/cifar100.py:vit_tiny")
+    base.update_from_flattened_dict({"data.source": "synthetic", "data.augment_on": "device", "total_steps": 2})
+    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, "configs/sweeps/cifar100_objectives.py"))
+    planned = sweep.point_configs(base, shared, points)
+    assert planned["sets4"].config.mask.sets == 4 and planned["frozen_target"].config.optim.var_cov_weight == 1.0
+    halves = [sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/cifar100_objectives_{h}.py"))
+              for h in ("targets", "sets")]
+    assert all(s == shared for s, _ in halves)
+    assert all(p[name] == points[name] for _, p in halves for name in p)
+    assert set(halves[0][1]) | set(halves[1][1]) == set(points)
+    assert all("control" in p for _, p in halves)
+
+
 def config_flags_file(spec):
     path, _, arg = spec.partition(":")
     return runpy.run_path(os.path.join(REPO_ROOT, path))["get_config"](arg)
