@@ -112,6 +112,11 @@ def put_batch(local_batch: dict, mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, _owned(x)), local_batch)
 
 
+def put_shared_batch(batch, mesh):
+    """A batch every process holds whole (numpy) -> a global jax.Array: each process contributes its slice."""
+    return put_batch(np.split(batch, jax.process_count())[jax.process_index()], mesh)
+
+
 def _owned(x) -> np.ndarray:
     """`x` as an array that owns its memory. grain's worker processes hand batches over in shared
     memory, and the CPU backend can alias a numpy buffer instead of copying it: the segments then stay

@@ -102,9 +102,7 @@ def extract_features(extractor, params, source, image_size: int, batch_size: int
         images = batch["image"]
         if n < batch_size:  # one static shape: pad the last batch, drop the padding after
             images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-        # Every process reads the same batch; each contributes its slice of the global array.
-        local = np.split(images, jax.process_count())[jax.process_index()]
-        out = extractor(params, sharding.put_batch(local, mesh))
+        out = extractor(params, sharding.put_shared_batch(images, mesh))  # every process reads every batch
         features.append(jax.tree.map(lambda a: np.asarray(a)[:n], out))
         labels.append(batch["label"])
         done += n

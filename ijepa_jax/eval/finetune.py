@@ -53,8 +53,12 @@ def logits_fn(encoder, params: dict, images, mean, std):
 def _optimizer(settings: FinetuneSettings, total_steps: int):
     warmup = min(int(settings.warmup_epochs * total_steps / settings.epochs), total_steps - 1)
     lr = optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, total_steps)
-    decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.adamw(lr, weight_decay=settings.weight_decay, mask=decay)
+    return optax.adamw(lr, weight_decay=settings.weight_decay, mask=_matrices)
+
+
+def _matrices(params):
+    """Weight decay on matrices only, not on biases or LayerNorm scales (1-D)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def finetune(encoder, encoder_params, train: tuple, test: tuple, num_classes: int, mean, std, mesh,
@@ -101,7 +105,8 @@ def finetune(encoder, encoder_params, train: tuple, test: tuple, num_classes: in
         losses = []
         for i in range(steps_per_epoch):
             idx = perm[i * batch : (i + 1) * batch]
-            images, labels = _put(train_x[idx], mesh), _put(train_y[idx].astype(np.int32), mesh)
+            images = sharding.put_shared_batch(train_x[idx], mesh)
+            labels = sharding.put_shared_batch(train_y[idx].astype(np.int32), mesh)
             params, state, loss = train_step(params, state, images, labels,
                                              jax.random.fold_in(key, settings.epochs + epoch * steps_per_epoch + i))
             losses.append(loss)
@@ -118,10 +123,5 @@ def predict(encoder, params, images: np.ndarray, mean, std, mesh, batch: int) ->
     for i in range(0, len(images), batch):
         chunk = images[i : i + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(fn(params, _put(padded, mesh)))[: len(chunk)])
+        out.append(np.asarray(fn(params, sharding.put_shared_batch(padded, mesh)))[: len(chunk)])
     return np.concatenate(out)
-
-
-def _put(local: np.ndarray, mesh):
-    """Every process holds the same batch; each contributes its slice of the global array."""
-    return sharding.put_batch(np.split(local, jax.process_count())[jax.process_index()], mesh)

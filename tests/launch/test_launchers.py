@@ -262,40 +262,35 @@ def test_budget_sweep_stops_before_a_point_that_does_not_fit_and_continues_on_th
     assert (status, ran) == (0, ["a", "b", "c"])
 
 
-@pytest.mark.slow  # the sweep files change rarely
-def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
-    """Every point validates and builds (on generated images, 2 steps); the halves are the full file's points."""
+def precheck_sweep_and_halves(full: str, halves: tuple) -> dict:
+    """The planned configs of configs/sweeps/FULL.py, every point validated and built (on generated
+    images, 2 steps); its halves FULL_<half>.py must be its own points, together all of them, the
+    control in each."""
     from ijepa_jax.tools import sweep
 
     base = config_flags_file("configs/cifar100.py:vit_tiny")
     base.update_from_flattened_dict({"data.source": "synthetic", "data.augment_on": "device", "total_steps": 2})
-    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, "configs/sweeps/cifar100_gpu_recipe.py"))
+    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/{full}.py"))
     planned = sweep.point_configs(base, shared, points)
+    loaded = [sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/{full}_{h}.py")) for h in halves]
+    assert all(s == shared for s, _ in loaded)
+    assert all(p[name] == points[name] for _, p in loaded for name in p)
+    assert set().union(*(p for _, p in loaded)) == set(points)
+    assert all("control" in p for _, p in loaded)
+    return planned
+
+
+@pytest.mark.slow  # the sweep files change rarely
+def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
+    planned = precheck_sweep_and_halves("cifar100_gpu_recipe", ("ema", "shape"))
     assert list(planned) == ["control", "reference", "ema99", "ema996", "targets2", "context28", "pred4", "pred8"]
     assert planned["pred8"].config.model.pred_depth == 8 and planned["context28"].config.mask.context_tokens == 28
-    halves = [sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/cifar100_gpu_recipe_{h}.py"))
-              for h in ("ema", "shape")]
-    assert all(s == shared for s, _ in halves)
-    assert all(p[name] == points[name] for _, p in halves for name in p)
-    assert set(halves[0][1]) | set(halves[1][1]) == set(points) and "control" in halves[1][1]
 
 
 @pytest.mark.slow  # the sweep files change rarely
 def test_the_objectives_sweep_and_its_gpu_halves_pass_the_sweeps_own_precheck():
-    """Every option point validates and builds; the two halves are the full file's points, control in both."""
-    from ijepa_jax.tools import sweep
-
-    base = config_flags_file("configs/cifar100.py:vit_tiny")
-    base.update_from_flattened_dict({"data.source": "synthetic", "data.augment_on": "device", "total_steps": 2})
-    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, "configs/sweeps/cifar100_objectives.py"))
-    planned = sweep.point_configs(base, shared, points)
+    planned = precheck_sweep_and_halves("cifar100_objectives", ("targets", "sets"))
     assert planned["sets4"].config.mask.sets == 4 and planned["frozen_target"].config.optim.var_cov_weight == 1.0
-    halves = [sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/cifar100_objectives_{h}.py"))
-              for h in ("targets", "sets")]
-    assert all(s == shared for s, _ in halves)
-    assert all(p[name] == points[name] for _, p in halves for name in p)
-    assert set(halves[0][1]) | set(halves[1][1]) == set(points)
-    assert all("control" in p for _, p in halves)
 
 
 def config_flags_file(spec):
