@@ -148,6 +148,9 @@ def default_config() -> ml_collections.ConfigDict:
         # (data2vec 2.0); 1: the reference's (the final output, layer-normed). step.target_features.
         target_layers=1,
         pooled_target_weight=0.0,  # > 0: the mean context feature regresses the mean target (not I-JEPA)
+        # K > 0: the predictor predicts CAPI's online Sinkhorn-Knopp assignments of the targets to K clusters
+        # (a cross-entropy) instead of regressing them; 0: the reference. step.cluster_assignments.
+        target_clusters=0,
     )
     return c
 
@@ -492,6 +495,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"optim.target_layers={o.target_layers}: the targets average the last K of {m.name}'s {depth} blocks; "
             f"give 1 (the reference) to {depth}."
         )
+    clusters = o.get("target_clusters", 0)
+    if not isinstance(clusters, int) or clusters == 1 or clusters < 0:
+        raise ValueError(f"optim.target_clusters={clusters!r}: give a number of clusters K >= 2 (CAPI's targets), "
+                         "or 0 (the reference: regress the target features).")
     if o.ipe_scale <= 0:
         raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
     if config.total_steps == 0 or config.total_steps < -1:

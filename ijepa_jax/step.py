@@ -44,6 +44,7 @@ class Models:
     sigreg_weight: float = 0.0  # > 0: another one (not in the reference; see sigreg)
     target_layers: int = 1  # > 1: data2vec 2.0's targets from the last K blocks (see target_features)
     pooled_target_weight: float = 0.0  # > 0: the pooled context features regress the pooled target
+    target_clusters: int = 0  # K > 0: predict CAPI's cluster assignments of the targets (see cluster_assignments)
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -58,6 +59,7 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         sigreg_weight=config.optim.sigreg_weight,
         target_layers=config.optim.get("target_layers", 1),
         pooled_target_weight=config.optim.get("pooled_target_weight", 0.0),
+        target_clusters=config.optim.get("target_clusters", 0),
     )
 
 
@@ -79,6 +81,9 @@ def init_state(rng: jax.Array, models: Models, tx: optax.GradientTransformation,
         k_pred, context, ctx_idx, ctx_idx >= 0, tgt_idx, tgt_idx >= 0
     )["params"]
     params = {"encoder": enc_params, "predictor": pred_params}
+    if models.target_clusters:  # a key of its own: the reference's initialisation is unchanged
+        params["clusters"] = init_cluster_heads(jax.random.fold_in(rng, 2), models.encoder.embed_dim,
+                                                models.target_clusters)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -123,8 +128,9 @@ def loss_fn(params, target_params, batch, models: Models, step=0) -> jax.Array:
 
 def total_loss(terms: dict, models: Models) -> jax.Array:
     loss = terms["prediction_loss"]
+    # The clustering loss trains only the teacher's prototypes (disjoint parameters): its weight is 1, as CAPI's.
     weights = (("var_cov_penalty", models.var_cov_weight), ("sigreg", models.sigreg_weight),
-               ("pooled_target_loss", models.pooled_target_weight))
+               ("pooled_target_loss", models.pooled_target_weight), ("cluster_loss", 1.0))
     for name, weight in weights:
         if name in terms:
             loss = loss + weight * terms[name]
@@ -132,12 +138,18 @@ def total_loss(terms: dict, models: Models) -> jax.Array:
 
 
 def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
-    """{'prediction_loss': I-JEPA's loss, plus 'var_cov_penalty' / 'sigreg' when their weights are > 0},
-    unweighted. `step` seeds SIGReg's random directions."""
+    """{'prediction_loss': I-JEPA's loss, plus 'var_cov_penalty' / 'sigreg' / 'pooled_target_loss' when their
+    weights are > 0 and 'cluster_loss' with clustering targets}, unweighted. `step` seeds SIGReg's random
+    directions."""
     images = normalize(batch["images"], models.mean, models.std)
     h = jax.lax.stop_gradient(target_features(target_params, images, models))
+    terms = {}
+    if models.target_clusters:
+        h_or_q, terms["cluster_loss"] = cluster_assignments(params["clusters"]["teacher"], h)
+    else:
+        h_or_q = h
     # Gathered before the mask sets are flattened: every set's targets come from one pass, h unrepeated.
-    targets = gather_targets(h, batch["target_idx"])  # (B, [S,] M, T, D)
+    targets = gather_targets(h_or_q, batch["target_idx"])  # (B, [S,] M, T, D or K)
     images, batch, sets = per_mask_set(images, batch)
     targets = targets.reshape((-1,) + targets.shape[-3:])
 
@@ -145,8 +157,11 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     pred = predict_from_context(params, z, batch, models).astype(jnp.float32)
 
     valid = batch["target_valid"].astype(jnp.float32)
-    per_token = regression_loss(pred, targets, models.loss)
-    terms = {"prediction_loss": (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
+    if models.target_clusters:
+        per_token = optax.softmax_cross_entropy(student_cluster_logits(params["clusters"]["student"], pred), targets)
+    else:
+        per_token = regression_loss(pred, targets, models.loss)
+    terms["prediction_loss"] = (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)
     z = z.astype(jnp.float32)
     if models.pooled_target_weight > 0:
         # The probe reads pooled features: train them directly, the context's mean predicting the image's.
@@ -190,6 +205,65 @@ def target_features(target_params, images, models: Models) -> jax.Array:
     _, layers = models.encoder.apply({"params": target_params}, images, keep_layers=models.target_layers)
     layers = jax.nn.standardize(layers.astype(jnp.float32), axis=2, epsilon=1e-5)  # (K, B, N, D): over N
     return jax.nn.standardize(layers.mean(0), axis=-1, epsilon=1e-5)
+
+
+# CAPI's clustering settings (Darcet et al., 2025; facebookresearch/capi default_pretrain_config.yaml).
+CLUSTER_TEACHER_TEMP = 0.06  # target_temp: the Sinkhorn-Knopp assignments
+CLUSTER_STUDENT_TEMP = 0.12  # student_temp and pred_temp: both cross-entropies
+SINKHORN_ITERS = 3
+
+
+def init_cluster_heads(rng: jax.Array, dim: int, k: int) -> dict:
+    """CAPI's two heads over K clusters (capi model.py): the teacher's online clustering, prototypes ~ N(0, 1)
+    and a zero bias; the student's weight-normalised linear layer, directions ~ truncated normal (std 0.02),
+    gains 1, no bias."""
+    k_teacher, k_student = jax.random.split(rng)
+    return {
+        "teacher": {"prototypes": jax.random.normal(k_teacher, (dim, k)), "bias": jnp.zeros((k,))},
+        "student": {"kernel": 0.02 * jax.random.truncated_normal(k_student, -2.0, 2.0, (dim, k)),
+                    "scale": jnp.ones((k,))},
+    }
+
+
+def l2_normalize(x: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """x / max(||x||, eps), as torch.nn.functional.normalize."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def sinkhorn_knopp(scores: jax.Array, iters: int = SINKHORN_ITERS) -> jax.Array:
+    """Balanced soft assignments of N tokens to K clusters, (N, K) scores -> (N, K), each row a distribution:
+    alternately every cluster's mass over the tokens, then every token's over the clusters, normalised (capi
+    model.py sinkhorn_knopp). In the log domain, where CAPI shifts exp's argument and adds 1e-8 to each
+    sum: at a few thousand tokens a token far from every prototype has column-normalised masses below
+    that 1e-8, and its row would not sum to 1."""
+    log_q = scores
+    for _ in range(iters):
+        log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True)
+        log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True)
+    return jnp.exp(log_q)
+
+
+def cluster_assignments(teacher: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """CAPI's targets from the target features h (B, N, D): (assignments (B, N, K), clustering loss).
+
+    The L2-normalised tokens score against K prototypes (a linear layer with bias). Sinkhorn-Knopp over all
+    B x N tokens of the (global) batch at temperature 0.06 turns the scores into balanced assignments,
+    which the predictor's tokens learn to predict. The prototypes learn online to predict the assignments
+    of their own scores at temperature 0.12 (the clustering loss, a gradient into the prototypes only).
+    CAPI balances each patch position separately over its 16,384 images; at small batches there are too
+    few images per position, so all tokens are balanced together (its positionwise_sk=False)."""
+    b, n, _ = h.shape
+    scores = l2_normalize(jax.lax.stop_gradient(h), 1e-7) @ teacher["prototypes"] + teacher["bias"]
+    q = sinkhorn_knopp(jax.lax.stop_gradient(scores).reshape(b * n, -1) / CLUSTER_TEACHER_TEMP)
+    q = jax.lax.stop_gradient(q.reshape(b, n, -1))
+    return q, optax.softmax_cross_entropy(scores / CLUSTER_STUDENT_TEMP, q).mean()
+
+
+def student_cluster_logits(student: dict, pred: jax.Array) -> jax.Array:
+    """The predictor's tokens (..., D) as CAPI's student scores over the K clusters (..., K): gain x cosine to
+    each weight-normalised direction, over the student temperature."""
+    directions = student["kernel"] / (jnp.linalg.norm(student["kernel"], axis=0, keepdims=True) + 1e-8)
+    return student["scale"] * (l2_normalize(pred, 1e-12) @ directions) / CLUSTER_STUDENT_TEMP
 
 
 def regression_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:

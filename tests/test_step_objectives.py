@@ -1,6 +1,7 @@
 """Optional I-JEPA objectives (off in the reference configs), each against an independent float64 numpy
 oracle built on test_step_golden.py's: data2vec 2.0 targets from the last K blocks
-(optim.target_layers) and the pooled-target term (optim.pooled_target_weight)."""
+(optim.target_layers), the pooled-target term (optim.pooled_target_weight), several mask sets per image
+(mask.sets) and CAPI's clustering targets (optim.target_clusters)."""
 
 import dataclasses
 
@@ -191,3 +192,130 @@ def test_the_sampler_draws_independent_sets_on_a_new_axis():
     one = masks.MaskSampler(dataclasses.replace(spec, sets=1))
     for key, value in one.sample_sets(np.random.default_rng(0), 5).items():
         np.testing.assert_array_equal(value, one.sample(np.random.default_rng(0), 5)[key])
+
+
+# optim.target_clusters: CAPI's online Sinkhorn-Knopp cluster assignments as the targets
+
+CLUSTERS = 8
+
+
+def numpy_sinkhorn(scores, iters):
+    """Sinkhorn-Knopp as matrix scaling in float64: Q = diag(r) exp(S) diag(c), the cluster scalings c
+    making every column sum to 1, then the token scalings r every row (no shift: float64 has the range)."""
+    e = np.exp(scores.astype(np.float64))
+    r = np.ones(e.shape[0])
+    for _ in range(iters):
+        c = 1.0 / (r @ e)
+        r = 1.0 / (e @ c)
+    return r[:, None] * e * c[None, :]
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def numpy_cluster_terms(params, target_params, batch):
+    """(prediction loss, clustering loss) of CAPI's objective in float64 (capi model.py, train_capi.py): the
+    teacher's L2-normalised target tokens score against prototypes + bias; SK at temperature 0.06 over all
+    tokens of the batch gives Q; the student's gain x cosine to the normalised directions at 0.12 predicts
+    Q at the target tokens; the teacher's own scores at 0.12 predict Q at every token."""
+    f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    enc, pred, tgt_enc, heads = (f64(params["encoder"]), f64(params["predictor"]), f64(target_params),
+                                 f64(params["clusters"]))
+    teacher, student = heads["teacher"], heads["student"]
+    h = np.stack([numpy_targets(image, tgt_enc, 1) for image in batch["images"]])  # (B, N, D)
+    scores = h / np.linalg.norm(h, axis=-1, keepdims=True) @ teacher["prototypes"] + teacher["bias"]
+    q = numpy_sinkhorn(scores.reshape(-1, CLUSTERS) / 0.06, 3).reshape(scores.shape)
+    clustering = -(q * log_softmax(scores / 0.12)).sum(-1).mean()
+    directions = student["kernel"] / np.linalg.norm(student["kernel"], axis=0)
+    total, count = 0.0, 0
+    for b in range(batch["images"].shape[0]):
+        ctx = batch["context_idx"][b][batch["context_valid"][b]]
+        z = golden.encode(batch["images"][b], enc, keep=ctx)
+        for m in range(batch["target_idx"].shape[1]):
+            tgt = batch["target_idx"][b, m][batch["target_valid"][b, m]]
+            p = golden.predict(z, ctx, tgt, pred)
+            s = student["scale"] * (p / np.linalg.norm(p, axis=-1, keepdims=True) @ directions) / 0.12
+            total += -(q[b, tgt] * log_softmax(s)).sum()
+            count += len(tgt)
+    return total / count, clustering
+
+
+@pytest.fixture(scope="module")
+def cluster_problem(problem):
+    """The golden problem with CAPI's heads over 8 clusters (gains away from 1, biases away from 0)."""
+    models, params, target, batch = problem
+    heads = step_lib.init_cluster_heads(jax.random.key(3), models.encoder.embed_dim, CLUSTERS)
+    rng = np.random.default_rng(4)
+    heads["teacher"]["bias"] = jnp.asarray(rng.normal(0, 0.3, CLUSTERS), jnp.float32)
+    heads["student"]["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, CLUSTERS), jnp.float32)
+    return dataclasses.replace(models, target_clusters=CLUSTERS), {**params, "clusters": heads}, target, batch
+
+
+def test_sinkhorn_matches_matrix_scaling_and_balances_the_clusters():
+    scores = np.random.default_rng(0).normal(0, 20.0, (48, 6))  # logits / 0.06: wide, as in training
+    got = np.asarray(step_lib.sinkhorn_knopp(jnp.asarray(scores, jnp.float32), iters=3))
+    np.testing.assert_allclose(got, numpy_sinkhorn(scores, 3), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)  # each token: a distribution over clusters
+    # Iterated, every cluster gets an equal share of the tokens, where a softmax gives most of them to few.
+    balanced = np.asarray(step_lib.sinkhorn_knopp(jnp.asarray(scores, jnp.float32), iters=200))
+    np.testing.assert_allclose(balanced.sum(0), 48 / 6, rtol=1e-2)
+    softmax = np.exp(log_softmax(scores))
+    assert np.abs(softmax.sum(0) - 8).max() > 2
+
+
+def test_clustering_targets_match_numpy(cluster_problem):
+    models, params, target, batch = cluster_problem
+    terms = step_lib.loss_terms(params, target, batch, models)
+    assert set(terms) == {"prediction_loss", "cluster_loss"}
+    want_prediction, want_clustering = numpy_cluster_terms(params, target, batch)
+    assert float(terms["prediction_loss"]) == pytest.approx(want_prediction, rel=1e-5)
+    assert float(terms["cluster_loss"]) == pytest.approx(want_clustering, rel=1e-5)
+    total = float(step_lib.loss_fn(params, target, batch, models))
+    assert total == pytest.approx(want_prediction + want_clustering, rel=1e-5)
+
+
+def test_the_clustering_loss_trains_only_the_prototypes_and_the_prediction_not_them(cluster_problem):
+    models, params, target, batch = cluster_problem
+    term = lambda name: lambda p, t: step_lib.loss_terms(p, t, batch, models)[name]  # noqa: E731
+    peak = lambda tree: max(float(jnp.abs(g).max()) for g in jax.tree.leaves(tree))  # noqa: E731
+    grads, grads_target = jax.grad(term("cluster_loss"), argnums=(0, 1))(params, target)
+    assert peak(grads["clusters"]["teacher"]) > 0 and peak(grads_target) == 0
+    assert peak({k: v for k, v in grads.items() if k != "clusters"}) == 0 and peak(grads["clusters"]["student"]) == 0
+    grads, grads_target = jax.grad(term("prediction_loss"), argnums=(0, 1))(params, target)
+    assert peak(grads["clusters"]["teacher"]) == 0 and peak(grads_target) == 0  # the assignments are targets
+    assert min(peak(grads[k]) for k in ("encoder", "predictor")) > 0 and peak(grads["clusters"]["student"]) > 0
+
+
+def test_a_train_step_with_clustering_targets_keeps_the_reference_initialisation():
+    """Through train.build: the heads are a key of their own, the encoder and predictor initialised as
+    without them; the step logs both parts, and AdamW decays the student's kernel only."""
+    from conftest import small_config
+
+    from ijepa_jax import train
+
+    plain, clustered = train.build(small_config()), train.build(small_config(**{"optim.target_clusters": 16}))
+    state, reference = clustered.init(), plain.init()
+    assert set(state.params) == {"encoder", "predictor", "clusters"}
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves({k: state.params[k] for k in reference.params})):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert state.params["clusters"]["teacher"]["prototypes"].shape == (state.params["encoder"]["norm"]["scale"].size, 16)
+    decays = optim.weight_decay_mask(state.params)["clusters"]
+    assert decays["student"] == {"kernel": True, "scale": False} and not any(jax.tree.leaves(decays["teacher"]))
+    with train.train_batches(clustered) as batches:
+        _, metrics = clustered.train_step(state, next(batches))
+    parts = float(metrics["prediction_loss"]) + float(metrics["cluster_loss"])
+    assert float(metrics["loss"]) == pytest.approx(parts, rel=1e-6) and np.isfinite(parts)
+    # A cross-entropy over 16 clusters starts near log 16, not near a regression loss's ~1.
+    assert 1.5 < float(metrics["prediction_loss"]) < 4.0
+
+
+@pytest.mark.parametrize("value", [1, -2])
+def test_one_or_negative_clusters_are_refused(value):
+    from conftest import small_config
+
+    from ijepa_jax import config_lib
+
+    with pytest.raises(ValueError, match=f"optim.target_clusters={value}: give a number of clusters K >= 2"):
+        config_lib.validate(small_config(**{"optim.target_clusters": value}), jax.device_count())

@@ -12,9 +12,10 @@ cifar100_objectives_targets.py and cifar100_objectives_sets.py (one 9-minute cal
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
 with EMA momentum 1: the target encoder stays at its initialisation). The control is also what
-config_lib.small_scale_recipe ships; it is spelled out so that the points do not move with it. The options (docs/reference-parity.md 8-9, and
-mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the pooled-target term, 4 mask sets
-per image sharing one target pass. POINTS names each point's overrides, SHARED those every point
+config_lib.small_scale_recipe ships; it is spelled out so that the points do not move with it. The
+options (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12
+blocks, the pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in
+a batch of 256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names each point's overrides, SHARED those every point
 gets; see docs/sweeps.md.
 """
 
@@ -30,6 +31,7 @@ SHARED = {
 
 POINTS = {
     "d2v4_pooled": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1},
+    "capi1024": {**CONTROL, "optim.target_clusters": 1024},
     "control": CONTROL,
     "d2v4": {**CONTROL, "optim.target_layers": 4},
     "pooled": {**CONTROL, "optim.pooled_target_weight": 0.1},
