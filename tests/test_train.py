@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from conftest import small_config
-from ijepa_jax import checkpoint, optim, train
+from ijepa_jax import checkpoint, loop, optim, train
 from ijepa_jax import step as step_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,36 +135,6 @@ def test_train_step_compiles_once_per_run(run3, tmp_path):
 # non-finite loss
 
 
-def totals(first_bad_step=-1, bad_loss=0.0, skipped_images=0):
-    return {"step": np.int32(9), "skipped_images": np.int32(skipped_images),
-            "first_bad_step": np.int32(first_bad_step), "bad_loss": np.float32(bad_loss)}
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_fetch_raises_naming_the_first_bad_step(bad):
-    """A non-finite loss stops the run with FloatingPointError naming the first step it happened at,
-    whichever (later) step's metrics are being fetched."""
-    metrics = {"loss": np.float32(bad), "lr": np.float32(1e-3)}
-    with pytest.raises(FloatingPointError, match=rf"At step 7 the loss became {bad}\."):
-        train._fetch(9, metrics, totals(first_bad_step=7, bad_loss=bad), steps_per_epoch=8)
-
-
-def test_fetch_passes_finite_metrics_as_python_numbers():
-    """Finite metrics come back as plain Python numbers (what the JSON writer needs), with the
-    summed skipped images and the epoch."""
-    metrics = {"loss": np.float32(0.5), "context_tokens": np.float32(6), "skipped_images": np.int32(1)}
-    values = train._fetch(4, metrics, totals(skipped_images=3), steps_per_epoch=8)
-    assert values == {"loss": 0.5, "context_tokens": 6.0, "bad_images_skipped": 3, "epoch": 0.5}
-    assert type(values["loss"]) is float and type(values["bad_images_skipped"]) is int
-
-
-def test_fetch_raises_when_only_the_updated_state_is_non_finite():
-    """The loss is computed before the update, so a finite loss can come with a NaN state: still a stop."""
-    metrics = {"loss": np.float32(0.5)}
-    with pytest.raises(FloatingPointError, match=r"At step 7 the updated parameters or optimizer moments"):
-        train._fetch(9, metrics, totals(first_bad_step=7, bad_loss=0.5), steps_per_epoch=8)
-
-
 def plant_nan_gradient(at_step: int) -> optax.GradientTransformation:
     """Turns the gradient of optimizer step `at_step` (1-based, counted in its own state) into NaN."""
     def update(grads, count, params=None):
@@ -193,18 +163,6 @@ def test_a_nan_gradient_is_never_checkpointed_and_no_good_checkpoint_is_rotated_
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
 
 
-def test_device_totals_keep_the_first_bad_step_and_an_exact_skip_count():
-    """The on-device running totals: skipped images summed over every step (not only fetched ones),
-    the first non-finite step and its loss kept when later steps are bad too."""
-    acc = train._zero_totals(5)
-    losses = [0.3, float("nan"), 0.2, float("inf"), float("nan")]
-    for i, loss in enumerate(losses):
-        acc = train._accumulate(acc, {"loss": np.float32(loss), "skipped_images": np.int32(i)})
-    acc = jax.device_get(acc)
-    assert int(acc["step"]) == 10 and int(acc["skipped_images"]) == 0 + 1 + 2 + 3 + 4
-    assert int(acc["first_bad_step"]) == 7 and np.isnan(acc["bad_loss"])  # steps 6..10: the 2nd is step 7
-
-
 @pytest.mark.parametrize("log_every", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_absurd_learning_rate_stops_the_run(tmp_path, log_every):
     """lr = 1e30: step 1 (initial parameters) is finite; its update makes the weights ~1e30, so the
@@ -223,8 +181,8 @@ def test_metrics_are_fetched_only_at_log_steps_saves_and_the_end(tmp_path, monke
     at steps 1 (first), 3 (save), 4 (log) and 6 (last) only, writes records 1, 4 and 6, and times the
     throughput of the steps between them; the reader thread is gone afterwards."""
     fetched = []
-    fetch = train._fetch
-    monkeypatch.setattr(train, "_fetch", lambda step, *args: fetched.append(step) or fetch(step, *args))
+    fetch = loop.fetch
+    monkeypatch.setattr(loop, "fetch", lambda step, *args: fetched.append(step) or fetch(step, *args))
     config = small_config(total_steps=6, log_every_steps=4, **{"checkpoint.every_steps": 3})
     last = train.train(config, str(tmp_path))
     assert fetched == [1, 3, 4, 6]
