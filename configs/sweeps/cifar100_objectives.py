@@ -7,11 +7,12 @@ an epoch, 10 epochs), on a CPU:
         --sweep configs/sweeps/cifar100_objectives.py --config.data.max_samples_per_class=100 \
         --config.checkpoint.every_steps=39
 
-On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its halves
-cifar100_objectives_targets.py and cifar100_objectives_sets.py (one 9-minute call each).
+On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its parts
+cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
-with EMA momentum 1: the target encoder stays at its initialisation). The control is also what
+with EMA momentum 1: the target encoder stays at its initialisation), and the two follow-ups of the best
+point, capi1024 (a second seed; the same without the penalty). The control is also what
 config_lib.small_scale_recipe ships; it is spelled out so that the points do not move with it. The
 options (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12
 blocks, the pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in
@@ -32,6 +33,9 @@ SHARED = {
 POINTS = {
     "d2v4_pooled": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1},
     "capi1024": {**CONTROL, "optim.target_clusters": 1024},
+    # The best subset point so far (docs/results.md): its seed spread, and whether it still needs the penalty.
+    "capi1024_seed1": {**CONTROL, "optim.target_clusters": 1024, "seed": 1},
+    "capi1024_novarcov": {**CONTROL, "optim.target_clusters": 1024, "optim.var_cov_weight": 0.0},
     "control": CONTROL,
     "d2v4": {**CONTROL, "optim.target_layers": 4},
     "pooled": {**CONTROL, "optim.pooled_target_weight": 0.1},

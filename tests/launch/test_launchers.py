@@ -289,7 +289,7 @@ def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
 
 @pytest.mark.slow  # the sweep files change rarely
 def test_the_objectives_sweep_and_its_gpu_halves_pass_the_sweeps_own_precheck():
-    planned = precheck_sweep_and_halves("cifar100_objectives", ("targets", "sets"))
+    planned = precheck_sweep_and_halves("cifar100_objectives", ("targets", "sets", "capi"))
     assert planned["sets4"].config.mask.sets == 4 and planned["frozen_target"].config.optim.var_cov_weight == 1.0
 
 
