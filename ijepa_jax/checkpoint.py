@@ -88,6 +88,13 @@ def closing(manager):
         yield manager
     finally:
         try:
+            # orbax (0.12) starts removing earlier runs' temporary folders in a thread when the manager is
+            # made, and neither wait_until_finished nor close waits for it: a manager closed at once (a
+            # refused start) can leave it scheduling on closed executors ('cannot schedule new futures
+            # after shutdown'). save() waits for it the same way.
+            await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
             manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 (a save that failed: the error in flight is the one to report)
             logging.warning("a checkpoint save did not finish: %s", first_line(e))

@@ -460,3 +460,25 @@ def test_resuming_on_another_process_count_is_announced(caplog):
     with caplog.at_level("WARNING"):
         checkpoint.warn_inexact_resume(saved, config)
     assert caplog.text == ""
+
+
+def test_closing_waits_for_orbaxs_cleanup_of_an_earlier_runs_partial_save(tmp_path, monkeypatch):
+    """A manager made and closed at once (a refused start) still finishes removing an earlier run's
+    temporary folder before it closes, however slow that is: nothing is left scheduling on closed executors."""
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+
+    partial = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
+    partial.mkdir(parents=True)
+    real_cleanup = temporary_paths.cleanup_temporary_paths
+
+    async def slow_cleanup(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await real_cleanup(*args, **kwargs)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    config = small_config()
+    with checkpoint.closing(checkpoint.make_manager(str(tmp_path), config.checkpoint, 8)):
+        assert partial.exists()
+    assert not partial.exists()
