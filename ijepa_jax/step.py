@@ -254,8 +254,7 @@ def cluster_assignments(teacher: dict, h: jax.Array) -> tuple[jax.Array, jax.Arr
     few images per position, so all tokens are balanced together (its positionwise_sk=False)."""
     b, n, _ = h.shape
     scores = l2_normalize(jax.lax.stop_gradient(h), 1e-7) @ teacher["prototypes"] + teacher["bias"]
-    q = sinkhorn_knopp(jax.lax.stop_gradient(scores).reshape(b * n, -1) / CLUSTER_TEACHER_TEMP)
-    q = jax.lax.stop_gradient(q.reshape(b, n, -1))
+    q = sinkhorn_knopp(jax.lax.stop_gradient(scores).reshape(b * n, -1) / CLUSTER_TEACHER_TEMP).reshape(b, n, -1)
     return q, optax.softmax_cross_entropy(scores / CLUSTER_STUDENT_TEMP, q).mean()
 
 

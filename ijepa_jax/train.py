@@ -202,7 +202,8 @@ def _run(exp: Experiment, manager, workdir: str) -> dict:
             contextlib.closing(MetricsWriter(workdir, exp.total_steps, resume_step=int(state.step))) as writer,
             train_batches(exp, start_batch=int(state.step)) as batches,
         ):
-            state, last = loop.run(exp, state, batches, writer, manager, _make_monitor(exp), _health_batch(exp))
+            state, last = loop.run(exp, state, batches, writer, manager, _make_monitor(exp),
+                                       first_batch(exp) if exp.config.eval.health_every_steps > 0 else None)
     except loop.Diverged as e:
         raise FloatingPointError(loop.diverged_message(e, manager, workdir)) from e
     manager.wait_until_finished()
@@ -223,11 +224,9 @@ def _make_monitor(exp: Experiment):
     return monitor_lib.Monitor(c, exp.mesh, c.model.name, c.model.patch_size, c.data.crop_size)
 
 
-def _health_batch(exp: Experiment):
-    """A fixed batch for the health diagnostics (a fresh pipeline's first, i.e. step 1's, so a resumed run
-    measures the same images), or None when they are off."""
-    if exp.config.eval.health_every_steps <= 0:
-        return None
+def first_batch(exp: Experiment) -> dict:
+    """Step 1's batch (a fresh pipeline's first): the fixed batch of the health diagnostics, the same images
+    in a resumed run."""
     with train_batches(exp) as fresh:
         return next(fresh)
 

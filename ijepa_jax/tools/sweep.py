@@ -189,8 +189,7 @@ def train_and_evaluate(config, point_dir: str, protocols) -> dict | None:
         state, _ = checkpoint.restore(manager, step, exp.abstract_state, exp.config, point_dir)
     finally:
         manager.close()
-    with train_lib.train_batches(exp) as batches:  # step 1's batch, as train's own health records use
-        values = health.health_metrics(state.params, state.target_params, next(batches), exp.models)
+    values = health.health_metrics(state.params, state.target_params, train_lib.first_batch(exp), exp.models)
     enc = evaluate.from_workdir(point_dir, step)
     out = os.path.join(point_dir, "eval")
     results = evaluate.evaluate(config, enc, out, protocols)
