@@ -1,7 +1,7 @@
 """Train and evaluate a set of recipes (a sweep), compared in one table and one plot.
 
     python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny --workdir runs/sweep \
-        --sweep configs/sweeps/smoke.py [--point='lr5e-4:optim.lr=5e-4,optim.ema=(0.98,0.98)']
+        --sweep configs/sweeps/smoke.py [--point='lr5e-4:optim.lr=5e-4,optim.ema=(0.98,0.98)'] [--only=NAME,...]
 
 A point is a named set of config overrides (`--config.KEY=VALUE`'s keys and values), trained in
 WORKDIR/<name> and evaluated into WORKDIR/<name>/eval; a random-init encoder per architecture is
@@ -74,6 +74,15 @@ def parse_point(arg: str) -> tuple[str, dict]:
     if any(not eq for _, eq, _ in pairs):
         raise ValueError(f"--point={arg!r}: write NAME:KEY=VALUE,KEY=VALUE (e.g. ema98:optim.ema=(0.98,0.98)).")
     return name.strip(), {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def select_points(points: dict, only: str) -> dict:
+    """The points named in `only` ('a,b'), in that order; all of them, in the file's order, if it is empty."""
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in points]
+    if unknown:
+        raise ValueError(f"--only: no point {', '.join(map(repr, unknown))}; choose from {', '.join(points)}.")
+    return {n: points[n] for n in names} if names else points
 
 
 def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
@@ -298,6 +307,7 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("workdir", None, "The sweep's folder: a subfolder per point, the summary.", flag_values=fv)
     flags.DEFINE_string("sweep", "", "A sweep file (POINTS, optionally SHARED); see docs/sweeps.md.", flag_values=fv)
     flags.DEFINE_multi_string("point", [], "A point NAME:KEY=VALUE,KEY=VALUE; repeat for more.", flag_values=fv)
+    flags.DEFINE_string("only", "", "Comma-separated point names: run only these, in this order.", flag_values=fv)
     flags.DEFINE_string("protocols", ",".join(DEFAULT_PROTOCOLS), "Comma-separated: linear, knn, lowshot.",
                         flag_values=fv)
     flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.", flag_values=fv)
@@ -313,6 +323,7 @@ def main(argv) -> None:
         if name in points:
             raise ValueError(f"point {name!r} is given twice.")
         points[name] = overrides
+    points = select_points(points, FLAGS.only)
     if not points:
         raise ValueError("No points: give --sweep FILE and/or --point=NAME:KEY=VALUE,...")
     protocols = tuple(p for p in FLAGS.protocols.split(",") if p)

@@ -144,6 +144,15 @@ def test_overrides_parse_strings_as_the_command_line_does():
         sweep.parse_point("x:optim.lr")
 
 
+def test_only_runs_the_named_points_in_the_order_given():
+    points = {"a": {}, "b": {"seed": 1}, "c": {"seed": 2}}
+    assert list(sweep.select_points(points, "c, a")) == ["c", "a"]
+    assert sweep.select_points(points, "c,a")["c"] == {"seed": 2}
+    assert sweep.select_points(points, "") is points
+    with pytest.raises(ValueError, match="--only: no point 'd'; choose from a, b, c"):
+        sweep.select_points(points, "a,d")
+
+
 def test_the_baseline_key_follows_architecture_and_evaluation_only():
     key = lambda **o: sweep.baseline_key(sweep.apply_overrides(small_config(), o), PROTOCOLS)  # noqa: E731
     assert key() == key(**{"optim.lr": 5e-4, "data.batch_size": 16, "data.max_samples_per_class": 3,
