@@ -10,14 +10,14 @@ an epoch, 10 epochs), on a CPU:
 On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its parts
 cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
-adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
-with EMA momentum 1: the target encoder stays at its initialisation), and the two follow-ups of the best
-point, capi1024 (a second seed; the same without the penalty). The control is also what
-config_lib.small_scale_recipe ships; it is spelled out so that the points do not move with it. The
-options (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12
-blocks, the pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in
-a batch of 256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names each point's overrides, SHARED those every point
-gets; see docs/sweeps.md.
+adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
+EMA momentum 1: the target encoder stays at its initialisation), and the two follow-ups of the best
+point, capi1024 (a second seed; the same without the penalty), and the control's second seed. The
+control is also what config_lib.small_scale_recipe ships; it is spelled out so that the points do not
+move with it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the
+last 4 of 12 blocks, the pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens
+per cluster in a batch of 256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names
+each point's overrides, SHARED those every point gets; see docs/sweeps.md.
 """
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
@@ -37,6 +37,7 @@ POINTS = {
     "capi1024_seed1": {**CONTROL, "optim.target_clusters": 1024, "seed": 1},
     "capi1024_novarcov": {**CONTROL, "optim.target_clusters": 1024, "optim.var_cov_weight": 0.0},
     "control": CONTROL,
+    "control_seed1": {**CONTROL, "seed": 1},  # the control's own seed spread, next to capi1024's
     "d2v4": {**CONTROL, "optim.target_layers": 4},
     "pooled": {**CONTROL, "optim.pooled_target_weight": 0.1},
     "sets4": {**CONTROL, "mask.sets": 4},
