@@ -76,9 +76,8 @@ def parse_point(arg: str) -> tuple[str, dict]:
     return name.strip(), {k.strip(): v.strip() for k, _, v in pairs}
 
 
-def select_points(points: dict, only: str) -> dict:
-    """The points named in `only` ('a,b'), in that order; all of them, in the file's order, if it is empty."""
-    names = [n.strip() for n in only.split(",") if n.strip()]
+def select_points(points: dict, names: list) -> dict:
+    """The points `names` (--only's list), in that order; all of them, in the file's order, if it is empty."""
     unknown = [n for n in names if n not in points]
     if unknown:
         raise ValueError(f"--only: no point {', '.join(map(repr, unknown))}; choose from {', '.join(points)}.")
@@ -307,7 +306,7 @@ def define_flags(fv) -> None:
     flags.DEFINE_string("workdir", None, "The sweep's folder: a subfolder per point, the summary.", flag_values=fv)
     flags.DEFINE_string("sweep", "", "A sweep file (POINTS, optionally SHARED); see docs/sweeps.md.", flag_values=fv)
     flags.DEFINE_multi_string("point", [], "A point NAME:KEY=VALUE,KEY=VALUE; repeat for more.", flag_values=fv)
-    flags.DEFINE_string("only", "", "Comma-separated point names: run only these, in this order.", flag_values=fv)
+    flags.DEFINE_list("only", [], "Comma-separated point names: run only these, in this order.", flag_values=fv)
     flags.DEFINE_string("protocols", ",".join(DEFAULT_PROTOCOLS), "Comma-separated: linear, knn, lowshot.",
                         flag_values=fv)
     flags.DEFINE_bool("traceback", False, "Show the full stack trace of configuration and data errors.", flag_values=fv)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 from conftest import small_config
 
 from ijepa_jax import evaluate, train
@@ -146,11 +147,15 @@ def test_overrides_parse_strings_as_the_command_line_does():
 
 def test_only_runs_the_named_points_in_the_order_given():
     points = {"a": {}, "b": {"seed": 1}, "c": {"seed": 2}}
-    assert list(sweep.select_points(points, "c, a")) == ["c", "a"]
-    assert sweep.select_points(points, "c,a")["c"] == {"seed": 2}
-    assert sweep.select_points(points, "") is points
+    assert list(sweep.select_points(points, ["c", "a"])) == ["c", "a"]
+    assert sweep.select_points(points, ["c", "a"])["c"] == {"seed": 2}
+    assert sweep.select_points(points, []) is points
     with pytest.raises(ValueError, match="--only: no point 'd'; choose from a, b, c"):
-        sweep.select_points(points, "a,d")
+        sweep.select_points(points, ["a", "d"])
+    fv = flags.FlagValues()  # the flag's own parsing: a comma list, spaces stripped
+    sweep.define_flags(fv)
+    fv["only"].parse("c, a")
+    assert fv["only"].value == ["c", "a"]
 
 
 def test_the_baseline_key_follows_architecture_and_evaluation_only():
