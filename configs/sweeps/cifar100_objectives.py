@@ -12,7 +12,7 @@ cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
 EMA momentum 1: the target encoder stays at its initialisation), and the follow-ups of the best
-point, capi1024 (a second seed; the same without the penalty; at batch 64, two seeds; with flips), and the control's second seed. The
+point, capi1024 (a second seed; the same without the penalty; at batch 64, two seeds, and 32; with flips), and the control's second seed. The
 control is also what config_lib.small_scale_recipe ships; it is spelled out so that the points do not
 move with it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the
 last 4 of 12 blocks, the pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens
@@ -63,6 +63,16 @@ POINTS = {
         "checkpoint.every_steps": 156,
         "eval.health_every_steps": 312,
         "seed": 1,
+    },
+    # Does the gain of four times the steps go on? Batch 32 at an eighth of the lr, eight times the steps.
+    "capi1024_batch32_lr125": {
+        **CONTROL,
+        "optim.target_clusters": 1024,
+        "data.batch_size": 32,
+        "optim.lr": 1.25e-4,
+        "optim.start_lr": 2.5e-5,
+        "checkpoint.every_steps": 312,
+        "eval.health_every_steps": 624,
     },
     # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference).
     "capi1024_flip": {**CONTROL, "optim.target_clusters": 1024, "data.use_horizontal_flip": True},
