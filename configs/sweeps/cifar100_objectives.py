@@ -21,6 +21,9 @@ each point's overrides, SHARED those every point gets; see docs/sweeps.md.
 """
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
+CAPI = {**CONTROL, "optim.target_clusters": 1024}
+CAPI_BATCH64 = {**CAPI, "data.batch_size": 64, "optim.lr": 2.5e-4, "optim.start_lr": 5e-5,
+                "checkpoint.every_steps": 156, "eval.health_every_steps": 312}  # 4x the steps, 4x the intervals
 
 SHARED = {
     "eval.every_epochs": 2,  # the k-NN monitor: a collapse alarm, not a ranking (docs/results.md)
@@ -32,10 +35,10 @@ SHARED = {
 
 POINTS = {
     "d2v4_pooled": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1},
-    "capi1024": {**CONTROL, "optim.target_clusters": 1024},
-    # The best subset point so far (docs/results.md): its seed spread, and whether it still needs the penalty.
-    "capi1024_seed1": {**CONTROL, "optim.target_clusters": 1024, "seed": 1},
-    "capi1024_novarcov": {**CONTROL, "optim.target_clusters": 1024, "optim.var_cov_weight": 0.0},
+    "capi1024": CAPI,
+    # CAPI's follow-ups (docs/results.md): its seed spread, and whether it still needs the penalty.
+    "capi1024_seed1": {**CAPI, "seed": 1},
+    "capi1024_novarcov": {**CAPI, "optim.var_cov_weight": 0.0},
     "control": CONTROL,
     "control_seed1": {**CONTROL, "seed": 1},  # the control's own seed spread, next to capi1024's
     "d2v4": {**CONTROL, "optim.target_layers": 4},
@@ -44,30 +47,12 @@ POINTS = {
     "d2v4_pooled_sets4": {**CONTROL, "optim.target_layers": 4, "optim.pooled_target_weight": 0.1, "mask.sets": 4},
     "frozen_target": {**CONTROL, "optim.ema": (1.0, 1.0)},
     # The two best subset settings together: CAPI at batch 64 and a quarter of the lr (the same lr per
-    # image; four times the steps), as ema98_varcov1_batch64_lr25 in docs/results.md.
-    "capi1024_batch64_lr25": {
-        **CONTROL,
-        "optim.target_clusters": 1024,
-        "data.batch_size": 64,
-        "optim.lr": 2.5e-4,
-        "optim.start_lr": 5e-5,
-        "checkpoint.every_steps": 156,
-        "eval.health_every_steps": 312,
-    },
-    "capi1024_batch64_lr25_seed1": {
-        **CONTROL,
-        "optim.target_clusters": 1024,
-        "data.batch_size": 64,
-        "optim.lr": 2.5e-4,
-        "optim.start_lr": 5e-5,
-        "checkpoint.every_steps": 156,
-        "eval.health_every_steps": 312,
-        "seed": 1,
-    },
+    # image; four times the steps), as ema98_varcov1_batch64_lr25 in docs/results.md; two seeds.
+    "capi1024_batch64_lr25": CAPI_BATCH64,
+    "capi1024_batch64_lr25_seed1": {**CAPI_BATCH64, "seed": 1},
     # Does the gain of four times the steps go on? Batch 32 at an eighth of the lr, eight times the steps.
     "capi1024_batch32_lr125": {
-        **CONTROL,
-        "optim.target_clusters": 1024,
+        **CAPI,
         "data.batch_size": 32,
         "optim.lr": 1.25e-4,
         "optim.start_lr": 2.5e-5,
@@ -75,5 +60,5 @@ POINTS = {
         "eval.health_every_steps": 624,
     },
     # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference).
-    "capi1024_flip": {**CONTROL, "optim.target_clusters": 1024, "data.use_horizontal_flip": True},
+    "capi1024_flip": {**CAPI, "data.use_horizontal_flip": True},
 }
