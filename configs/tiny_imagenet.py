@@ -6,7 +6,7 @@
         --config.data.root=/tmp/tiny-imagenet-100cls
 
 Argument: vit_tiny (default) or vit_small, optionally followed by ',smoke' and/or
-',reference' (the reference's EMA and objective alone; configs/cifar100.py). Patch 8 on 64px crops gives the same
+',reference' (the reference's EMA, objective, batch and lr; configs/cifar100.py). Patch 8 on 64px crops gives the same
 8x8 grid as CIFAR-100 at 32/4, so the recipe is config_lib.small_scale_recipe;
 real ImageNet-style JPEGs read from class folders (train/, scored on val/).
 """
@@ -16,8 +16,7 @@ from ijepa_jax import config_lib
 
 def get_config(arg: str = "vit_tiny"):
     model, options = config_lib.parse_config_arg(arg, config_lib.SMALL_SCALE_PREDICTORS, "vit_tiny")
-    # One epoch of 30,000 images at batch 256 is 117 steps.
-    c = config_lib.small_scale_recipe(model, patch_size=8, crop_size=64, steps_per_epoch=117,
+    c = config_lib.small_scale_recipe(model, patch_size=8, crop_size=64, train_images=30_000,
                                       reference="reference" in options)
     c.data.update(source="folder", root="", num_workers=2)
     c.eval.test_split = "val"

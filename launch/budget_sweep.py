@@ -1,6 +1,6 @@
 """A sweep (ijepa_jax.tools.sweep) that starts no point it cannot finish before a deadline.
 
-    python launch/budget_sweep.py --config configs/cifar100.py:vit_tiny --workdir /tmp/sweep \
+    python launch/budget_sweep.py --config configs/cifar100.py:vit_tiny,reference --workdir /tmp/sweep \
         --sweep configs/sweeps/cifar100_gpu_recipe.py --budget_s 480 [--out DIR] [--check_only]
 
 The points run in the sweep file's order through the sweep runner's own functions (validation up

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One sweep on all of CIFAR-100 in one call to a single GPU, inside a time budget:
-# configs/cifar100.py:vit_tiny (or :vit_small), 10 epochs a point, bf16, data.augment_on=device,
+# configs/cifar100.py:vit_tiny,reference (or :vit_small), 10 epochs a point, bf16, data.augment_on=device,
 # evaluated on the full train / test splits. No point is started that would not finish before
 # --budget_s (measured from this script's start); run the same command again, while the machine still
 # holds --work, to continue: finished points are skipped, a stopped one resumes from its checkpoint.
@@ -9,7 +9,8 @@
 #                       [--budget_s N] [--wheels DIR] [--protocols knn,linear] [--workers N]
 #                       [--first_point_s N] [--config.KEY=VALUE ...]
 #
-# Defaults: configs/sweeps/cifar100_gpu_recipe.py, configs/cifar100.py:vit_tiny, ../shared/data, $OUT
+# Defaults: configs/sweeps/cifar100_gpu_recipe.py, configs/cifar100.py:vit_tiny,reference (the base the
+#   sweep files' points override: batch 256, lr 1e-3), ../shared/data, $OUT
 #   (else WORK/out), /tmp/ijepa_gpu_sweep, 510 s (for a 600 s call), 4 data workers, 150 s assumed for the
 #   first point (it also pays for the random-init baseline); the others are timed as they finish.
 # --data: a folder holding cifar-100-python.tar.gz (extracted once into --work, which loads twice as
@@ -24,7 +25,7 @@
 set -uo pipefail
 
 START=$(date +%s)
-SWEEP="configs/sweeps/cifar100_gpu_recipe.py" CONFIG="configs/cifar100.py:vit_tiny" DATA="../shared/data"
+SWEEP="configs/sweeps/cifar100_gpu_recipe.py" CONFIG="configs/cifar100.py:vit_tiny,reference" DATA="../shared/data"
 OUT_DIR="${OUT:-}" WORK="/tmp/ijepa_gpu_sweep" BUDGET=510 WHEELS="" PROTOCOLS="knn,linear" WORKERS=4
 FIRST_POINT=150 EXTRA=()
 while [[ $# -gt 0 ]]; do

@@ -1,6 +1,6 @@
 """The CIFAR-100 recipe search on one GPU: 8 points of 10 epochs on all 50,000 training images.
 
-    launch/gpu_sweep.sh --sweep configs/sweeps/cifar100_gpu_recipe.py --config configs/cifar100.py:vit_tiny \
+    launch/gpu_sweep.sh --sweep configs/sweeps/cifar100_gpu_recipe.py --config configs/cifar100.py:vit_tiny,reference \
         --data /tmp/ijepa_data --out "$OUT"
 
 Every point but `reference` starts from the current best (`control`: fixed EMA 0.98 and the
@@ -16,7 +16,7 @@ POINTS names each point's overrides, SHARED those every point gets; see docs/swe
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
 
-SHARED = {}  # 10 epochs (1,950 steps) each, evaluated on the full splits: the config as it is
+SHARED = {}  # 10 epochs (1,950 steps) each, evaluated on the full splits: the reference recipe as it is
 
 POINTS = {
     "control": CONTROL,

@@ -1,4 +1,4 @@
-"""First half of cifar100_gpu_recipe.py (one 9-minute GPU call): the control, the config as shipped, and
+"""First half of cifar100_gpu_recipe.py (one 9-minute GPU call): the control, the reference recipe, and
 fixed EMA 0.99 and 0.996 with the penalty. Same names and overrides as the full file, so both halves can
 share one --workdir (the control is then trained once)."""
 

@@ -3,7 +3,7 @@
 On the 100-images-per-class subset (the ranking protocol of docs/results.md: 10,000 images, 39 steps
 an epoch, 10 epochs), on a CPU:
 
-    python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny --workdir runs/objectives \
+    python -m ijepa_jax.tools.sweep --config configs/cifar100.py:vit_tiny,reference --workdir runs/objectives \
         --sweep configs/sweeps/cifar100_objectives.py --config.data.max_samples_per_class=100 \
         --config.checkpoint.every_steps=39
 
@@ -13,8 +13,9 @@ Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
 EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a second
 seed; without the penalty; at batch 64 with two seeds, and at batch 32; with flips), and the control's
-second seed. The control is also what config_lib.small_scale_recipe ships; it is spelled out so that
-the points do not move with it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec
+second seed. The points are overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr
+1e-3), on which they ran; the control is what small_scale_recipe shipped until capi1024_batch64_lr25
+replaced it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec
 2.0 targets from the last 4 of 12 blocks, the pooled-target term, CAPI's clustering targets over 1,024
 clusters (16 tokens per cluster in a batch of 256 x 64 tokens), 4 mask sets per image sharing one
 target pass. POINTS names each point's overrides, SHARED those every point gets; see docs/sweeps.md.

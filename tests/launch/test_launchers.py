@@ -268,7 +268,7 @@ def precheck_sweep_and_halves(full: str, halves: tuple) -> dict:
     control in each."""
     from ijepa_jax.tools import sweep
 
-    base = config_flags_file("configs/cifar100.py:vit_tiny")
+    base = config_flags_file("configs/cifar100.py:vit_tiny,reference")  # the files' base
     base.update_from_flattened_dict({"data.source": "synthetic", "data.augment_on": "device", "total_steps": 2})
     shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, f"configs/sweeps/{full}.py"))
     planned = sweep.point_configs(base, shared, points)
