@@ -273,3 +273,23 @@ def test_the_small_scale_default_differs_from_the_reference_recipe_in_its_named_
     assert both.model.name == "vit_micro" and both.optim.var_cov_weight == 0.0
     with pytest.raises(ValueError, match=",reference"):
         get_config(filename, "vit_tiny,refrence")
+
+
+def test_in1k_subset_ships_the_small_scale_objective_at_batch_256():
+    """in1k_subset.py:N has the small-scale configs' objective (fixed EMA 0.98, the variance/covariance
+    term, CAPI's 1,024 clusters); ',reference' keeps the reference's; the batch is 256 either way."""
+    from ijepa_jax import workdir
+
+    shipped, reference = get_config("in1k_subset.py", "1000"), get_config("in1k_subset.py", "1000,reference")
+    cifar = get_config("cifar100.py", "vit_tiny")
+    for key in ("ema", "var_cov_weight", "target_clusters"):
+        assert shipped.optim[key] == cifar.optim[key], key
+    assert tuple(reference.optim.ema) == (0.996, 1.0)
+    assert (reference.optim.var_cov_weight, reference.optim.target_clusters) == (0.0, 0)
+    assert shipped.data.batch_size == reference.data.batch_size == 256
+    changed = workdir.differences(reference.to_dict(), shipped.to_dict())
+    assert sorted(c.split(":")[0] for c in changed) == ["optim.ema", "optim.target_clusters", "optim.var_cov_weight"]
+    reference.data.root = "/datasets/imagenet"
+    config_lib.validate(reference, num_devices=8)
+    with pytest.raises(ValueError, match=",reference"):
+        get_config("in1k_subset.py", "1000,refrence")
