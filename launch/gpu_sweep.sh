@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One sweep on all of CIFAR-100 in one call to a single GPU, inside a time budget:
-# configs/cifar100.py:vit_tiny,reference (or :vit_small), 10 epochs a point, bf16, data.augment_on=device,
-# evaluated on the full train / test splits. No point is started that would not finish before
-# --budget_s (measured from this script's start); run the same command again, while the machine still
-# holds --work, to continue: finished points are skipped, a stopped one resumes from its checkpoint.
+# One sweep on all of CIFAR-100 (or the Tiny-ImageNet subset) in one call to a single GPU, inside a time
+# budget: configs/cifar100.py:vit_tiny,reference (or another small-scale config), 10 epochs a point, bf16,
+# data.augment_on=device, evaluated on the full train / test splits. No point is started that would not
+# finish before --budget_s (measured from this script's start); run the same command again, while the
+# machine still holds --work, to continue: finished points are skipped, a stopped one resumes from its checkpoint.
 #
 #   launch/gpu_sweep.sh [--sweep FILE] [--config CONFIG] [--data DIR|synthetic] [--out DIR] [--work DIR]
 #                       [--budget_s N] [--wheels DIR] [--protocols knn,linear] [--workers N]
@@ -14,7 +14,9 @@
 #   (else WORK/out), /tmp/ijepa_gpu_sweep, 510 s (for a 600 s call), 4 data workers, 150 s assumed for the
 #   first point (it also pays for the random-init baseline); the others are timed as they finish.
 # --data: a folder holding cifar-100-python.tar.gz (extracted once into --work, which loads twice as
-#   fast) or the extracted cifar-100-python/ folder; 'synthetic' trains on generated images (tests).
+#   fast) or the extracted cifar-100-python/ folder; for configs/tiny_imagenet.py, one holding
+#   tiny-imagenet-100cls.tar.gz (extracted the same way) or the train/ and val/ folders; 'synthetic'
+#   trains on generated images (tests).
 # --out: gets gpu_sweep.log, environment.json, summary.md, summary.jsonl, summary.png and points.tar.gz
 #   (every point's config, metrics.jsonl, sweep row and results.json), refreshed after each point.
 # --wheels: wheels for packages the machine lacks, installed with pip --no-index into --work/site (kept:
@@ -118,8 +120,21 @@ elif [[ -f "$DATA/cifar-100-python.tar.gz" || "$DATA" == *.tar.gz ]]; then
   DATA_FLAGS=(--config.data.root="$root")
 elif [[ -f "$DATA/train" && -f "$DATA/meta" || -f "$DATA/cifar-100-python/train" ]]; then
   DATA_FLAGS=(--config.data.root="$DATA")
+elif [[ -f "$DATA/tiny-imagenet-100cls.tar.gz" ]]; then  # configs/tiny_imagenet.py: train/ and val/ folders
+  archive="$DATA/tiny-imagenet-100cls.tar.gz"
+  stamp="$(realpath "$archive") $(stat -c '%s %Y' "$archive")"
+  if [[ "$(cat "$WORK/tiny_imagenet/.extracted_from" 2>/dev/null)" != "$stamp" ]]; then
+    echo "gpu_sweep: extracting $archive into $WORK/tiny_imagenet"
+    rm -rf "$WORK/tiny_imagenet" && mkdir -p "$WORK/tiny_imagenet" && tar -xzf "$archive" -C "$WORK/tiny_imagenet" \
+      || { echo "gpu_sweep: could not extract $archive"; rm -rf "$WORK/tiny_imagenet"; return 1; }
+    echo "$stamp" > "$WORK/tiny_imagenet/.extracted_from"
+  fi
+  DATA_FLAGS=(--config.data.root="$WORK/tiny_imagenet/tiny-imagenet-100cls")
+elif [[ -d "$DATA/train" && -d "$DATA/val" ]]; then
+  DATA_FLAGS=(--config.data.root="$DATA")
 else
-  echo "gpu_sweep: no CIFAR-100 in --data $DATA (expected cifar-100-python.tar.gz or the extracted folder)."
+  echo "gpu_sweep: no CIFAR-100 in --data $DATA (expected cifar-100-python.tar.gz or the extracted folder;"
+  echo "  for configs/tiny_imagenet.py, tiny-imagenet-100cls.tar.gz or a folder with train/ and val/)."
   echo "  Sent in parts? launch/cifar_parts.sh join --to $DATA assembles and checks them first."
   return 1
 fi

@@ -206,6 +206,34 @@ def test_gpu_sweep_refuses_bad_arguments_and_missing_data(tmp_path):
     assert proc.returncode == 1 and "no CIFAR-100 in --data" in proc.stdout and "cifar_parts.sh join" in proc.stdout
 
 
+def test_gpu_sweep_extracts_a_tiny_imagenet_archive_once_and_trains_from_it(tmp_path):
+    """--data holding tiny-imagenet-100cls.tar.gz (the shared data's name): extracted into WORK, and every
+    point of the sweep is built from the extracted train/ and val/ folders (the runner's pre-check)."""
+    from PIL import Image
+
+    top = tmp_path / "src" / "tiny-imagenet-100cls"
+    for split, per_class in (("train", 16), ("val", 4)):
+        for c in range(4):  # 64 training images: the smoke sweep's 16 steps are its 2 epochs at batch 8
+            for i in range(per_class):
+                path = top / split / f"n0{c}" / f"{split}_{c}_{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (20, 20), (60 * c, 10 * i, 90)).save(path, "JPEG")
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "tiny-imagenet-100cls.tar.gz", "w:gz") as tar:
+        tar.add(top, arcname="tiny-imagenet-100cls")
+    args = ["--sweep", "configs/sweeps/smoke.py", "--config", "configs/tiny_imagenet.py:vit_tiny,smoke", "--data",
+            str(data), "--workers", "0", "--protocols", "knn", "--budget_s", "300", "--first_point_s", "100000"]
+    proc = gpu_sweep(tmp_path, *args)
+    # Pre-checked (each point built on the extracted folders), then stopped before training by the budget.
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    assert proc.stdout.count("extracting") == 1
+    root = tmp_path / "work" / "tiny_imagenet" / "tiny-imagenet-100cls"
+    assert len(list((root / "val").glob("*/*.JPEG"))) == 16
+    again = gpu_sweep(tmp_path, *args)
+    assert again.returncode == 3 and "extracting" not in again.stdout, again.stdout[-3000:]
+
+
 def test_gpu_sweep_installs_the_wheels_it_is_given_into_work_site(tmp_path):
     """A hand-made wheel (a one-line package) lands in WORK/site before anything else can fail."""
     wheels = tmp_path / "wheels"
@@ -291,6 +319,23 @@ def test_the_gpu_recipe_sweep_and_its_halves_pass_the_sweeps_own_precheck():
 def test_the_objectives_sweep_and_its_gpu_halves_pass_the_sweeps_own_precheck():
     planned = precheck_sweep_and_halves("cifar100_objectives", ("targets", "sets", "capi"))
     assert planned["sets4"].config.mask.sets == 4 and planned["frozen_target"].config.optim.var_cov_weight == 1.0
+
+
+@pytest.mark.parametrize("spec", ["configs/cifar100.py:vit_tiny", "configs/tiny_imagenet.py:vit_small"])
+def test_the_default_seeds_sweep_is_the_shipped_default_at_three_seeds(spec):
+    """configs/sweeps/default_seeds.py passes the runner's pre-check on either shipped config and changes
+    nothing of it but the seed (and what is logged): the seed spread of the headline."""
+    from ijepa_jax.tools import sweep
+
+    base = config_flags_file(spec)
+    base.update_from_flattened_dict({"data.source": "synthetic", "total_steps": 2})
+    shared, points = sweep.load_sweep(os.path.join(REPO_ROOT, "configs/sweeps/default_seeds.py"))
+    planned = sweep.point_configs(base, shared, points)
+    assert [(name, p.config.seed) for name, p in planned.items()] == [
+        ("default", 0), ("default_seed1", 1), ("default_seed2", 2)]
+    for point in planned.values():
+        assert point.config.optim.to_dict() == base.optim.to_dict() and point.config.data.batch_size == 64
+        assert point.config.model.to_dict() == base.model.to_dict()
 
 
 def config_flags_file(spec):
