@@ -14,7 +14,7 @@
 #   (else WORK/out), /tmp/ijepa_gpu_sweep, 510 s (for a 600 s call), 4 data workers, 150 s assumed for the
 #   first point (it also pays for the random-init baseline); the others are timed as they finish.
 # --data: a folder holding cifar-100-python.tar.gz (extracted once into --work, which loads twice as
-#   fast) or the extracted cifar-100-python/ folder; for configs/tiny_imagenet.py, one holding
+#   fast) or the extracted cifar-100-python/ folder; with configs/tiny_imagenet.py, one holding
 #   tiny-imagenet-100cls.tar.gz (extracted the same way) or the train/ and val/ folders; 'synthetic'
 #   trains on generated images (tests).
 # --out: gets gpu_sweep.log, environment.json, summary.md, summary.jsonl, summary.png and points.tar.gz
@@ -104,37 +104,40 @@ if missing:
              "docs/gpu_sweep.md says which).")
 EOF
 
+extract_once() {  # ARCHIVE DIR: unpack into DIR unless DIR already holds this file's contents, as it is now
+  local stamp
+  stamp="$(realpath "$1") $(stat -c '%s %Y' "$1")"
+  [[ "$(cat "$2/.extracted_from" 2>/dev/null)" == "$stamp" ]] && return 0
+  echo "gpu_sweep: extracting $1 into $2"
+  rm -rf "$2" && mkdir -p "$2" && tar -xzf "$1" -C "$2" \
+    || { echo "gpu_sweep: could not extract $1"; rm -rf "$2"; return 1; }
+  echo "$stamp" > "$2/.extracted_from"
+}
+
 DATA_FLAGS=()
+archive="$DATA"
 if [[ "$DATA" == synthetic ]]; then
   DATA_FLAGS=(--config.data.source=synthetic)
-elif [[ -f "$DATA/cifar-100-python.tar.gz" || "$DATA" == *.tar.gz ]]; then
-  archive="$DATA"; [[ "$DATA" == *.tar.gz ]] || archive="$DATA/cifar-100-python.tar.gz"
-  root="$WORK/cifar100/cifar-100-python"
-  stamp="$(realpath "$archive") $(stat -c '%s %Y' "$archive")"  # extracted from this file, as it is now
-  if [[ "$(cat "$WORK/cifar100/.extracted_from" 2>/dev/null)" != "$stamp" ]]; then
-    echo "gpu_sweep: extracting $archive into $WORK/cifar100"
-    rm -rf "$WORK/cifar100" && mkdir -p "$WORK/cifar100" && tar -xzf "$archive" -C "$WORK/cifar100" \
-      || { echo "gpu_sweep: could not extract $archive"; rm -rf "$WORK/cifar100"; return 1; }
-    echo "$stamp" > "$WORK/cifar100/.extracted_from"
+elif [[ "$(basename "${CONFIG%%:*}")" == tiny_imagenet.py ]]; then  # JPEG folders: train/ and val/
+  [[ "$DATA" == *.tar.gz ]] || archive="$DATA/tiny-imagenet-100cls.tar.gz"
+  if [[ -f "$archive" ]]; then
+    extract_once "$archive" "$WORK/tiny_imagenet" || return 1
+    DATA_FLAGS=(--config.data.root="$WORK/tiny_imagenet/tiny-imagenet-100cls")
+  elif [[ -d "$DATA/train" && -d "$DATA/val" ]]; then
+    DATA_FLAGS=(--config.data.root="$DATA")
+  else
+    echo "gpu_sweep: no Tiny-ImageNet in --data $DATA (expected tiny-imagenet-100cls.tar.gz or a folder with"
+    echo "  train/ and val/)."
+    return 1
   fi
-  DATA_FLAGS=(--config.data.root="$root")
+elif [[ -f "$DATA/cifar-100-python.tar.gz" || "$DATA" == *.tar.gz ]]; then
+  [[ "$DATA" == *.tar.gz ]] || archive="$DATA/cifar-100-python.tar.gz"
+  extract_once "$archive" "$WORK/cifar100" || return 1
+  DATA_FLAGS=(--config.data.root="$WORK/cifar100/cifar-100-python")
 elif [[ -f "$DATA/train" && -f "$DATA/meta" || -f "$DATA/cifar-100-python/train" ]]; then
   DATA_FLAGS=(--config.data.root="$DATA")
-elif [[ -f "$DATA/tiny-imagenet-100cls.tar.gz" ]]; then  # configs/tiny_imagenet.py: train/ and val/ folders
-  archive="$DATA/tiny-imagenet-100cls.tar.gz"
-  stamp="$(realpath "$archive") $(stat -c '%s %Y' "$archive")"
-  if [[ "$(cat "$WORK/tiny_imagenet/.extracted_from" 2>/dev/null)" != "$stamp" ]]; then
-    echo "gpu_sweep: extracting $archive into $WORK/tiny_imagenet"
-    rm -rf "$WORK/tiny_imagenet" && mkdir -p "$WORK/tiny_imagenet" && tar -xzf "$archive" -C "$WORK/tiny_imagenet" \
-      || { echo "gpu_sweep: could not extract $archive"; rm -rf "$WORK/tiny_imagenet"; return 1; }
-    echo "$stamp" > "$WORK/tiny_imagenet/.extracted_from"
-  fi
-  DATA_FLAGS=(--config.data.root="$WORK/tiny_imagenet/tiny-imagenet-100cls")
-elif [[ -d "$DATA/train" && -d "$DATA/val" ]]; then
-  DATA_FLAGS=(--config.data.root="$DATA")
 else
-  echo "gpu_sweep: no CIFAR-100 in --data $DATA (expected cifar-100-python.tar.gz or the extracted folder;"
-  echo "  for configs/tiny_imagenet.py, tiny-imagenet-100cls.tar.gz or a folder with train/ and val/)."
+  echo "gpu_sweep: no CIFAR-100 in --data $DATA (expected cifar-100-python.tar.gz or the extracted folder)."
   echo "  Sent in parts? launch/cifar_parts.sh join --to $DATA assembles and checks them first."
   return 1
 fi

@@ -204,6 +204,8 @@ def test_gpu_sweep_refuses_bad_arguments_and_missing_data(tmp_path):
     assert proc.returncode == 2 and "unknown argument: --budget" in proc.stderr
     proc = gpu_sweep(tmp_path, "--data", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "no CIFAR-100 in --data" in proc.stdout and "cifar_parts.sh join" in proc.stdout
+    proc = gpu_sweep(tmp_path, "--config", "configs/tiny_imagenet.py:vit_tiny", "--data", str(tmp_path / "nothing"))
+    assert proc.returncode == 1 and "no Tiny-ImageNet in --data" in proc.stdout and "train/ and val/" in proc.stdout
 
 
 def test_gpu_sweep_extracts_a_tiny_imagenet_archive_once_and_trains_from_it(tmp_path):
