@@ -12,7 +12,7 @@ cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
 EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a second
-seed; without the penalty; at batch 64 with two seeds, and at batch 32; with flips), and the control's
+seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips), and the control's
 second seed. The points are overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr
 1e-3), on which they ran; the control is what small_scale_recipe shipped until capi1024_batch64_lr25
 replaced it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec
@@ -25,6 +25,8 @@ CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
 CAPI = {**CONTROL, "optim.target_clusters": 1024}
 CAPI_BATCH64 = {**CAPI, "data.batch_size": 64, "optim.lr": 2.5e-4, "optim.start_lr": 5e-5,
                 "checkpoint.every_steps": 156, "eval.health_every_steps": 312}  # 4x the steps, 4x the intervals
+CAPI_BATCH32 = {**CAPI, "data.batch_size": 32, "optim.lr": 1.25e-4, "optim.start_lr": 2.5e-5,
+                "checkpoint.every_steps": 312, "eval.health_every_steps": 624}  # 8x the steps
 
 SHARED = {
     "eval.every_epochs": 2,  # the k-NN monitor: a collapse alarm, not a ranking (docs/results.md)
@@ -52,13 +54,16 @@ POINTS = {
     "capi1024_batch64_lr25": CAPI_BATCH64,
     "capi1024_batch64_lr25_seed1": {**CAPI_BATCH64, "seed": 1},
     # Does the gain of four times the steps go on? Batch 32 at an eighth of the lr, eight times the steps.
-    "capi1024_batch32_lr125": {
+    "capi1024_batch32_lr125": CAPI_BATCH32,
+    "capi1024_batch32_lr125_seed1": {**CAPI_BATCH32, "seed": 1},
+    # And further: batch 16 at a sixteenth of the lr, sixteen times the steps.
+    "capi1024_batch16_lr0625": {
         **CAPI,
-        "data.batch_size": 32,
-        "optim.lr": 1.25e-4,
-        "optim.start_lr": 2.5e-5,
-        "checkpoint.every_steps": 312,
-        "eval.health_every_steps": 624,
+        "data.batch_size": 16,
+        "optim.lr": 6.25e-5,
+        "optim.start_lr": 1.25e-5,
+        "checkpoint.every_steps": 624,
+        "eval.health_every_steps": 1248,
     },
     # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference).
     "capi1024_flip": {**CAPI, "data.use_horizontal_flip": True},

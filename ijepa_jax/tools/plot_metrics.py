@@ -6,6 +6,9 @@ With several --workdir flags, one PNG compares the runs: a line per run (named b
 each panel of COMPARE_KEYS that any run logged.
 
     python -m ijepa_jax.tools.plot_metrics --workdir runs/a --workdir runs/b --out compare.png
+
+`--x=epoch` draws against epochs instead of steps: runs at different batch sizes then line up by the
+images they have seen.
 """
 
 from __future__ import annotations
@@ -60,8 +63,21 @@ def read_records(workdir: str) -> list[dict]:
     return records
 
 
-def series(records: list[dict], key: str) -> tuple[list, list]:
+def steps_per_epoch(records: list[dict]) -> int:
+    """A run's steps per epoch, from a training record (they log `epoch` = step / steps per epoch)."""
+    for r in records:
+        if r.get("epoch") and r["step"] > 0:
+            return round(r["step"] / r["epoch"])
+    raise ValueError("No record has an 'epoch' (a run before the loop logged it, or no step logged yet): "
+                     "plot it by step (--x=step).")
+
+
+def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    """(x values, values) of `key` over the records that have it; x is the step or the epoch."""
     pairs = [(r["step"], r[key]) for r in records if key in r]
+    if x == "epoch" and pairs:
+        per_epoch = steps_per_epoch(records)
+        pairs = [(step / per_epoch, value) for step, value in pairs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -87,7 +103,7 @@ def _save(fig, axes, num_panels: int, out: str) -> str:
     return out
 
 
-def plot(records: list[dict], out: str) -> str:
+def plot(records: list[dict], out: str, x: str = "step") -> str:
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
     present = lambda keys: [k for k in keys if any(k in r for r in records)]  # noqa: E731
     panels = [(title, (key,), key == "loss") for key, title in PANELS if present((key,))]
@@ -97,7 +113,7 @@ def plot(records: list[dict], out: str) -> str:
     for ax, (title, keys, log_y) in zip(axes.flat, panels):
         sparse = keys[0].startswith(("eval/", "health/"))  # written every few hundred steps: mark the points
         for k in keys:
-            ax.plot(*series(records, k), marker="." if sparse else None, label=k.split("/", 1)[-1])
+            ax.plot(*series(records, k, x), marker="." if sparse else None, label=k.split("/", 1)[-1])
         if log_y:
             ax.set_yscale("log")
         elif sparse:
@@ -105,13 +121,13 @@ def plot(records: list[dict], out: str) -> str:
         if sparse:
             ax.legend(fontsize=7)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
     return _save(fig, axes, len(panels), out)
 
 
-def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
-    """One panel per COMPARE_KEYS entry that some run logged, one line per run."""
+def plot_comparison(runs: dict[str, list[dict]], out: str, x: str = "step") -> str:
+    """One panel per COMPARE_KEYS entry that some run logged, one line per run, against step or epoch."""
     panels = [(k, title, log) for k, title, log in COMPARE_KEYS if any(k in r for recs in runs.values() for r in recs)]
     if not panels:
         raise ValueError(f"None of {[k for k, _, _ in COMPARE_KEYS]} is in the runs' metrics.")
@@ -120,11 +136,11 @@ def plot_comparison(runs: dict[str, list[dict]], out: str) -> str:
         sparse = key.startswith(("eval/", "health/"))
         for i, (name, records) in enumerate(runs.items()):
             if any(key in r for r in records):  # colour by run, so a run keeps its colour in every panel
-                ax.plot(*series(records, key), marker="." if sparse else None, label=name, color=f"C{i}")
+                ax.plot(*series(records, key, x), marker="." if sparse else None, label=name, color=f"C{i}")
         if log_y:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, axes, len(panels), out)
@@ -135,6 +151,8 @@ def define_flags(fv) -> None:
     flags.DEFINE_multi_string("workdir", None, "A pretraining run's --workdir; repeat it to compare runs.",
                               flag_values=fv)
     flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/metrics.png; required when comparing).", flag_values=fv)
+    flags.DEFINE_enum("x", "step", ["step", "epoch"], "The x axis: training steps, or epochs (runs at different "
+                      "batch sizes compared by the images seen).", flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -158,10 +176,10 @@ def main(argv) -> None:
         return records
 
     if len(workdirs) == 1:
-        print(f"wrote {plot(records_of(workdirs[0]), out)}")
+        print(f"wrote {plot(records_of(workdirs[0]), out, FLAGS.x)}")
         return
     runs = {os.path.basename(os.path.normpath(w)): records_of(w) for w in workdirs}
-    print(f"wrote {plot_comparison(runs, out)}")
+    print(f"wrote {plot_comparison(runs, out, FLAGS.x)}")
 
 
 if __name__ == "__main__":

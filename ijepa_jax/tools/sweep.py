@@ -251,7 +251,10 @@ def write_summary(workdir: str, rows: list[dict], header: str = "") -> None:
     dirs = [os.path.join(workdir, r["point"]) for r in rows if r["kind"] == "point"]
     runs = {os.path.basename(d): plot_metrics.read_records(d) for d in dirs if os.path.exists(f"{d}/metrics.jsonl")}
     if runs:
-        plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"))
+        # Points at different batch sizes line up by the images seen (epochs), not by steps.
+        per_epoch = {plot_metrics.steps_per_epoch(r) for r in runs.values() if any(x.get("epoch") for x in r)}
+        x = "epoch" if len(per_epoch) > 1 else "step"
+        plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"), x)
 
 
 def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: str = "") -> list[dict]:

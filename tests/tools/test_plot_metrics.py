@@ -71,3 +71,26 @@ def test_a_last_record_cut_short_is_skipped(tmp_path):
         (tmp_path / "metrics.jsonl").write_text(damaged)
         with pytest.raises(json.JSONDecodeError):
             plot_metrics.read_records(str(tmp_path))
+
+
+def test_epoch_axis_lines_up_runs_at_different_batch_sizes(tmp_path):
+    """--x=epoch divides steps by the run's steps per epoch (read off its training records' `epoch`), so a
+    run at a quarter of the batch (four times the steps) ends at the same x as the other."""
+    def run(per_epoch):
+        recs = [{"step": s, "loss": 1.0, "epoch": s / per_epoch} for s in range(1, 2 * per_epoch + 1)]
+        recs.append({"step": 2 * per_epoch, "eval/knn_k20": 0.3})  # eval records carry no epoch of their own
+        return recs
+
+    big, small = run(39), run(156)
+    assert plot_metrics.steps_per_epoch(big) == 39 and plot_metrics.steps_per_epoch(small) == 156
+    assert plot_metrics.series(big, "eval/knn_k20", x="epoch") == ([2.0], [0.3])
+    assert plot_metrics.series(small, "eval/knn_k20", x="epoch") == ([2.0], [0.3])
+    assert plot_metrics.series(small, "eval/knn_k20") == ([312], [0.3])  # by step, as before
+    assert plot_metrics.series(small, "loss", x="epoch")[0][:2] == [1 / 156, 2 / 156]
+    out = plot_metrics.plot_comparison({"b256": big, "b64": small}, str(tmp_path / "c.png"), x="epoch")
+    assert Image.open(out).size[0] > 400
+
+
+def test_epoch_axis_without_epoch_records_is_a_clear_error():
+    with pytest.raises(ValueError, match="plot it by step"):
+        plot_metrics.series([{"step": 5, "loss": 1.0}], "loss", x="epoch")
