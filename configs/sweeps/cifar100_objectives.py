@@ -23,10 +23,17 @@ target pass. POINTS names each point's overrides, SHARED those every point gets;
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
 CAPI = {**CONTROL, "optim.target_clusters": 1024}
-CAPI_BATCH64 = {**CAPI, "data.batch_size": 64, "optim.lr": 2.5e-4, "optim.start_lr": 5e-5,
-                "checkpoint.every_steps": 156, "eval.health_every_steps": 312}  # 4x the steps, 4x the intervals
-CAPI_BATCH32 = {**CAPI, "data.batch_size": 32, "optim.lr": 1.25e-4, "optim.start_lr": 2.5e-5,
-                "checkpoint.every_steps": 312, "eval.health_every_steps": 624}  # 8x the steps
+
+
+def capi_at_batch(batch: int) -> dict:
+    """CAPI at a smaller batch with the reference's lr per image (lr 1e-3, start 2e-4 at batch 256): 256 /
+    batch times the steps for the same images, and the checkpoint and health intervals scaled with them."""
+    scale = batch / 256
+    return {**CAPI, "data.batch_size": batch, "optim.lr": 1e-3 * scale, "optim.start_lr": 2e-4 * scale,
+            "checkpoint.every_steps": 39 * 256 // batch, "eval.health_every_steps": 78 * 256 // batch}
+
+
+CAPI_BATCH64, CAPI_BATCH32 = capi_at_batch(64), capi_at_batch(32)
 
 SHARED = {
     "eval.every_epochs": 2,  # the k-NN monitor: a collapse alarm, not a ranking (docs/results.md)
@@ -57,14 +64,7 @@ POINTS = {
     "capi1024_batch32_lr125": CAPI_BATCH32,
     "capi1024_batch32_lr125_seed1": {**CAPI_BATCH32, "seed": 1},
     # And further: batch 16 at a sixteenth of the lr, sixteen times the steps.
-    "capi1024_batch16_lr0625": {
-        **CAPI,
-        "data.batch_size": 16,
-        "optim.lr": 6.25e-5,
-        "optim.start_lr": 1.25e-5,
-        "checkpoint.every_steps": 624,
-        "eval.health_every_steps": 1248,
-    },
+    "capi1024_batch16_lr0625": capi_at_batch(16),
     # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference).
     "capi1024_flip": {**CAPI, "data.use_horizontal_flip": True},
 }

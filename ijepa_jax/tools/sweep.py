@@ -252,9 +252,9 @@ def write_summary(workdir: str, rows: list[dict], header: str = "") -> None:
     runs = {os.path.basename(d): plot_metrics.read_records(d) for d in dirs if os.path.exists(f"{d}/metrics.jsonl")}
     if runs:
         # Points at different batch sizes line up by the images seen (epochs), not by steps.
-        per_epoch = {plot_metrics.steps_per_epoch(r) for r in runs.values() if any(x.get("epoch") for x in r)}
-        x = "epoch" if len(per_epoch) > 1 else "step"
-        plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"), x)
+        per_epoch = {plot_metrics.steps_per_epoch(recs) for recs in runs.values() if any(r.get("epoch") for r in recs)}
+        x_axis = "epoch" if len(per_epoch) > 1 else "step"
+        plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"), x_axis)
 
 
 def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: str = "") -> list[dict]:
