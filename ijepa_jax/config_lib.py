@@ -233,8 +233,8 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, train_i
     docs/reference-parity.md: a fixed EMA of 0.98 instead of 0.996 -> 1; VICReg's
     variance/covariance term on the context features with weight 1.0 (optim.var_cov_weight,
     deviation 7); and CAPI's clustering targets over 1,024 clusters (optim.target_clusters,
-    deviation 10), trained at batch 64 with the reference's lr per image (2.5e-4, a quarter of
-    1e-3 at a quarter of the batch): four times the steps for the same images. It is still masked
+    deviation 10), trained at batch 32 with the reference's lr per image (1.25e-4, an eighth of
+    1e-3 at an eighth of the batch): eight times the steps for the same images. It is still masked
     latent prediction with an EMA target encoder. `reference=True` (the config argument
     ',reference') keeps the reference's EMA, objective, batch 256 and lr 1e-3.
     """
@@ -250,8 +250,8 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, train_i
     c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
     if not reference:
-        c.data.batch_size = 64
-        c.optim.update(start_lr=5e-5, lr=2.5e-4, **SMALL_SCALE_OBJECTIVE)
+        c.data.batch_size = 32
+        c.optim.update(start_lr=2.5e-5, lr=1.25e-4, **SMALL_SCALE_OBJECTIVE)
     c.checkpoint.every_steps = train_images // c.data.batch_size
     c.log_every_steps = 10
     return c
