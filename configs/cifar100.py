@@ -6,7 +6,7 @@
 Argument: vit_tiny (default) or vit_small, optionally followed by ',smoke' (the
 tiny variant of config_lib.smoke: ViT-micro, 20 steps) and/or ',reference' (the
 reference's EMA schedule, objective, batch 256 and lr 1e-3, without the recipe's
-fixed EMA 0.98, variance/covariance term, CAPI clustering targets and batch 64).
+fixed EMA 0.98, variance/covariance term, CAPI clustering targets and batch 32).
 Patch 4 gives an 8x8 grid; the recipe
 (config_lib.small_scale_recipe) uses the corrected sampler there, and
 `--config.mask.mode=reference` restores the reference's.

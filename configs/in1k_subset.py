@@ -18,7 +18,7 @@ over 1,024 clusters; docs/reference-parity.md items 7 and 10), found on
 CIFAR-100 at 10 epochs and not yet measured at this scale; ',reference' keeps
 the reference's (EMA 0.996 -> 1, no term, no clusters). The batch stays 256:
 at 1,000 images per class an epoch is already 3,906 steps, so the small-scale
-configs' reason for batch 64 (more steps from few images) does not apply.
+configs' reason for batch 32 (more steps from few images) does not apply.
 """
 
 from ijepa_jax import config_lib
