@@ -250,8 +250,9 @@ def small_scale_recipe(model_name: str, patch_size: int, crop_size: int, train_i
     c.optim.update(epochs=10, warmup_epochs=1, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
     c.optim.update(weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
     if not reference:
-        scale = 32 / c.data.batch_size  # batch 32 at the reference's lr per image: 8x the steps
-        c.data.batch_size = 32
+        batch = 32  # at the reference's lr per image: 8x its steps for the same images
+        scale = batch / c.data.batch_size
+        c.data.batch_size = batch
         c.optim.update(start_lr=c.optim.start_lr * scale, lr=c.optim.lr * scale, **SMALL_SCALE_OBJECTIVE)
     c.checkpoint.every_steps = train_images // c.data.batch_size
     c.log_every_steps = 10
