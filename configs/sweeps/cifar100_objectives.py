@@ -10,15 +10,16 @@ an epoch, 10 epochs), on a CPU:
 On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its parts
 cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
-adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
-EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a second
-seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips), and the control's
-second seed. The points are overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr
-1e-3), on which they ran; the control is what small_scale_recipe shipped until capi1024_batch64_lr25
-replaced it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec
-2.0 targets from the last 4 of 12 blocks, the pooled-target term, CAPI's clustering targets over 1,024
-clusters (16 tokens per cluster in a batch of 256 x 64 tokens), 4 mask sets per image sharing one
-target pass. POINTS names each point's overrides, SHARED those every point gets; see docs/sweeps.md.
+adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
+with EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a
+second seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips;
+at batch 32 with a fixed EMA of 0.99 and with flips), and the control's second seed. The points are
+overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the
+control is what small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options
+(docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the
+pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in a batch of
+256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names each point's overrides,
+SHARED those every point gets; see docs/sweeps.md.
 """
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
