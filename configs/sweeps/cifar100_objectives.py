@@ -69,8 +69,8 @@ POINTS = {
     # The shipped default's EMA per image: at batch 32 a fixed 0.98 averages over 8x fewer images than at
     # batch 256. A slower target (0.99), paired with batch 32's seed-1 point.
     "capi1024_batch32_lr125_ema99_seed1": {**CAPI_BATCH32, "optim.ema": (0.99, 0.99), "seed": 1},
-    # Horizontal flips on top of the crop (CAPI's augmentation; off in the I-JEPA reference), at batch 32.
-    "capi1024_batch32_lr125_flip_seed1": {**CAPI_BATCH32, "data.use_horizontal_flip": True, "seed": 1},
-    # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference).
+    # CAPI's own augmentation adds horizontal flips to the crop (off in the I-JEPA reference): at batch 256
+    # and at batch 32 (paired with batch 32's seed-1 point).
     "capi1024_flip": {**CAPI, "data.use_horizontal_flip": True},
+    "capi1024_batch32_lr125_flip_seed1": {**CAPI_BATCH32, "data.use_horizontal_flip": True, "seed": 1},
 }
