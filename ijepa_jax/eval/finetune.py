@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def finetune(encoder, encoder_params, train: tuple, test: tuple, num_classes: in
         return optax.apply_updates(params, updates), state, loss
 
     key = jax.random.key(settings.seed)
-    losses = []
+    start = time.time()
     for epoch in range(settings.epochs):
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(train_x)))
         losses = []
@@ -110,10 +111,14 @@ def finetune(encoder, encoder_params, train: tuple, test: tuple, num_classes: in
             params, state, loss = train_step(params, state, images, labels,
                                              jax.random.fold_in(key, settings.epochs + epoch * steps_per_epoch + i))
             losses.append(loss)
+        epoch_loss = float(np.mean(jax.device_get(losses)))  # one sync an epoch, for the progress line
+        rate = (epoch + 1) * steps_per_epoch * batch / (time.time() - start)
+        print(f"finetune epoch {epoch + 1}/{settings.epochs}: train loss {epoch_loss:.4f}, {rate:.0f} img/s",
+              flush=True)
     logits = predict(encoder, params, test_x, mean, std, mesh, batch)
     top1, top5 = (topk_accuracy(logits, test_y, k) for k in (1, 5))
-    return {"top1": top1, "top5": top5, "train_loss_last_epoch": float(np.mean(jax.device_get(losses))),
-            "steps": total, **dataclasses.asdict(settings)}
+    return {"top1": top1, "top5": top5, "train_loss_last_epoch": epoch_loss, "steps": total,
+            **dataclasses.asdict(settings)}
 
 
 def predict(encoder, params, images: np.ndarray, mean, std, mesh, batch: int) -> np.ndarray:
