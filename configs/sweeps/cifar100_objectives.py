@@ -10,16 +10,17 @@ an epoch, 10 epochs), on a CPU:
 On all 50,000 images, on one GPU (docs/gpu_sweep.md), launch/gpu_sweep.sh with its parts
 cifar100_objectives_targets.py, _sets.py and _capi.py (one 9-minute call each).
 Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (docs/results.md) and
-adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control
-with EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a
-second seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips;
-at batch 32 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below and at
-twice the lr), and the control's second seed. The points are overrides on the reference recipe
-(`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the control is what small_scale_recipe
-shipped until capi1024_batch64_lr25 replaced it. The options (docs/reference-parity.md 8-10, and mask.sets): data2vec
-2.0 targets from the last 4 of 12 blocks, the pooled-target term, CAPI's clustering targets over 1,024
-clusters (16 tokens per cluster in a batch of 256 x 64 tokens), 4 mask sets per image sharing one
-target pass. POINTS names each point's overrides, SHARED those every point gets; see docs/sweeps.md.
+adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
+EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a second
+seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips; at batch
+32 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below, at twice the lr and
+with fewer, larger targets), and the control's second seed. The points are overrides on the reference
+recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the control is what
+small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options
+(docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the
+pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in a batch of
+256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names each point's overrides,
+SHARED those every point gets; see docs/sweeps.md.
 """
 
 CONTROL = {"optim.ema": (0.98, 0.98), "optim.var_cov_weight": 1.0}
@@ -85,4 +86,8 @@ POINTS = {
     # batch 32 at the same lr per image moves the weights as far over 10 epochs as batch 256 does, and
     # the monitor still rises at the last epoch. Paired with batch 32's seed-1 point.
     "capi1024_batch32_lr25_seed1": {**CAPI_BATCH32, "optim.lr": 2.5e-4, "optim.start_lr": 5e-5, "seed": 1},
+    # Fewer, larger targets (cifar100_gpu_recipe.py's targets2) on the shipped default: 2 blocks of
+    # 15 patches instead of 4 of 11, so 27 context patches instead of 20 (tools.mask_stats, batch 32).
+    "capi1024_batch32_lr125_targets2_seed1": {**CAPI_BATCH32, "mask.num_targets": 2, "mask.target_scale": (0.2, 0.3),
+                                              "seed": 1},
 }
