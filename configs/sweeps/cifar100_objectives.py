@@ -85,9 +85,10 @@ POINTS = {
     # Twice the lr at batch 32 (2.5e-4, start 5e-5): Adam's step is about lr whatever the batch, so
     # batch 32 at the same lr per image moves the weights as far over 10 epochs as batch 256 does, and
     # the monitor still rises at the last epoch. Paired with batch 32's seed-1 point.
-    "capi1024_batch32_lr25_seed1": {**CAPI_BATCH32, "optim.lr": 2.5e-4, "optim.start_lr": 5e-5, "seed": 1},
+    "capi1024_batch32_lr25_seed1": {**CAPI_BATCH32, "optim.lr": 2 * CAPI_BATCH32["optim.lr"],
+                                    "optim.start_lr": 2 * CAPI_BATCH32["optim.start_lr"], "seed": 1},
     # Fewer, larger targets (cifar100_gpu_recipe.py's targets2) on the shipped default: 2 blocks of
     # 15 patches instead of 4 of 11, so 27 context patches instead of 20 (tools.mask_stats, batch 32).
-    "capi1024_batch32_lr125_targets2_seed1": {**CAPI_BATCH32, "mask.num_targets": 2, "mask.target_scale": (0.2, 0.3),
-                                              "seed": 1},
+    "capi1024_batch32_lr125_targets2_seed1": {
+        **CAPI_BATCH32, "mask.num_targets": 2, "mask.target_scale": (0.2, 0.3), "seed": 1},
 }
