@@ -13,10 +13,10 @@ Every point keeps the control's fixed EMA 0.98 and variance/covariance penalty (
 adds one objective option, except `frozen_target`, the diagnostic of what the EMA adds (the control with
 EMA momentum 1: the target encoder stays at its initialisation), the follow-ups of capi1024 (a second
 seed; without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips; at batch
-32 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below, at twice the lr and
-with fewer, larger targets), and the control's second seed. The points are overrides on the reference
-recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the control is what
-small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options
+32 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below, at twice the lr,
+with fewer, larger targets and with a 12-block predictor), and the control's second seed. The points are
+overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the
+control is what small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options
 (docs/reference-parity.md 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the
 pooled-target term, CAPI's clustering targets over 1,024 clusters (16 tokens per cluster in a batch of
 256 x 64 tokens), 4 mask sets per image sharing one target pass. POINTS names each point's overrides,
@@ -91,4 +91,7 @@ POINTS = {
     # 15 patches instead of 4 of 11, so 27 context patches instead of 20 (tools.mask_stats, batch 32).
     "capi1024_batch32_lr125_targets2_seed1": {
         **CAPI_BATCH32, "mask.num_targets": 2, "mask.target_scale": (0.2, 0.3), "seed": 1},
+    # A predictor as deep as the encoder (12 blocks of 96 instead of 6): the I-JEPA paper's ablation
+    # (its appendix, predictor depth 6 vs 12 on ViT-L) finds the deeper one gives the better probe.
+    "capi1024_batch32_lr125_pred12_seed1": {**CAPI_BATCH32, "model.pred_depth": 12, "seed": 1},
 }
