@@ -257,13 +257,32 @@ def write_summary(workdir: str, rows: list[dict], header: str = "") -> None:
         plot_metrics.plot_comparison(runs, os.path.join(workdir, "summary.png"), x_axis)
 
 
+def _earlier_rows(workdir: str, planned: dict) -> list[dict]:
+    """The rows of points finished in `workdir` by earlier runs that `planned` leaves out (a run with
+    --only), by name, so that the summary keeps every point of the workdir."""
+    root = files.path(workdir)
+    names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.exists() else []
+    rows = [_read_json(os.path.join(workdir, n, ROW_FILE)) for n in names if n not in planned and n != "random_init"]
+    return [r for r in rows if r is not None and r.get("kind") == "point"]
+
+
+def _with_delta(row: dict, baselines: dict) -> dict:
+    base = baselines.get(row["baseline"], {"top1": {}})["top1"]
+    return {**row, "delta": {k: v - base[k] for k, v in row["top1"].items() if k in base}}
+
+
 def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: str = "") -> list[dict]:
     """Trains and evaluates every point of `planned` (point_configs') not finished in `workdir`; writes
-    and returns the summary rows (random inits first). A point whose loss became non-finite gets a row
-    with its "error"; the sweep stops after a point whose training was preempted."""
+    and returns the summary rows: random inits first, then the points other runs finished in `workdir`,
+    then `planned`'s. A point whose loss became non-finite gets a row with its "error"; the sweep stops
+    after a point whose training was preempted."""
     keys = {name: baseline_key(p.config, protocols) for name, p in planned.items()}
     done = {name: _finished(name, os.path.join(workdir, name), p, keys[name]) for name, p in planned.items()}
-    baselines, points = {}, []
+    earlier = _earlier_rows(workdir, planned)
+    baselines = {r["baseline"]: _read_json(os.path.join(workdir, "random_init", r["baseline"], ROW_FILE))
+                 for r in earlier}
+    baselines = {k: b for k, b in baselines.items() if b is not None}
+    points = [_with_delta(r, baselines) for r in earlier]
     for i, (name, (overrides, shared, config)) in enumerate(planned.items(), 1):
         point_dir = os.path.join(workdir, name)
         row = done[name]
@@ -292,10 +311,9 @@ def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: 
             print(f"== point {i}/{len(planned)} {name}: finished already, skipped", flush=True)
         if keys[name] not in baselines and "error" not in row:
             baselines[keys[name]] = random_init_row(config, workdir, protocols)
-        base = baselines.get(keys[name], {"top1": {}})["top1"]
-        points.append({**row, "delta": {k: v - base[k] for k, v in row["top1"].items() if k in base}})
+        points.append(_with_delta(row, baselines))
         write_summary(workdir, [*baselines.values(), *points], header)
-    if points:
+    if len(points) > len(earlier):
         print(f"wrote {os.path.join(workdir, 'summary.md')}")
     return [*baselines.values(), *points]
 

@@ -85,6 +85,14 @@ def test_rerunning_a_finished_sweep_trains_and_evaluates_nothing(swept, monkeypa
     assert sweep.run_sweep(planned, workdir, PROTOCOLS) == rows
 
 
+def test_a_run_of_some_points_keeps_the_other_finished_points_in_the_summary(swept, monkeypatch):
+    workdir, planned, rows = swept
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a finished point trained again"))
+    only_second = sweep.select_points(planned, ["ema98"])  # as --only=ema98
+    assert [r["point"] for r in sweep.run_sweep(only_second, workdir, PROTOCOLS)] == [r["point"] for r in rows]
+    assert read_jsonl(os.path.join(workdir, "summary.jsonl")) == rows  # ema996 kept, with its delta
+
+
 def test_a_finished_point_run_with_other_overrides_is_refused(swept):
     workdir, _, _ = swept
     planned = sweep.point_configs(small_config(), SHARED, {"ema98": {"optim.ema": (0.97, 0.97)}})
