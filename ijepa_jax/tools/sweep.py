@@ -163,11 +163,15 @@ def _model(config) -> str:
     return f"{config.model.name}/{config.model.patch_size} @{config.data.crop_size}px"
 
 
+def _baseline_dir(workdir: str, key: str) -> str:
+    return os.path.join(workdir, "random_init", key)
+
+
 def random_init_row(config, workdir: str, protocols) -> dict:
     """The row of a random-init encoder of `config`'s architecture: evaluated once, cached in
     WORKDIR/random_init/<key>/."""
     key = baseline_key(config, protocols)
-    out = os.path.join(workdir, "random_init", key)
+    out = _baseline_dir(workdir, key)
     row = _read_json(os.path.join(out, ROW_FILE))
     if row is None:
         print(f"== random init of {_model(config)} (baseline {key})", flush=True)
@@ -263,7 +267,7 @@ def _earlier_rows(workdir: str, planned: dict) -> list[dict]:
     root = files.path(workdir)
     names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.exists() else []
     rows = [_read_json(os.path.join(workdir, n, ROW_FILE)) for n in names if n not in planned and n != "random_init"]
-    return [r for r in rows if r is not None and r.get("kind") == "point"]
+    return [r for r in rows if r is not None]
 
 
 def _with_delta(row: dict, baselines: dict) -> dict:
@@ -279,9 +283,9 @@ def run_sweep(planned: dict, workdir: str, protocols=DEFAULT_PROTOCOLS, header: 
     keys = {name: baseline_key(p.config, protocols) for name, p in planned.items()}
     done = {name: _finished(name, os.path.join(workdir, name), p, keys[name]) for name, p in planned.items()}
     earlier = _earlier_rows(workdir, planned)
-    baselines = {r["baseline"]: _read_json(os.path.join(workdir, "random_init", r["baseline"], ROW_FILE))
-                 for r in earlier}
-    baselines = {k: b for k, b in baselines.items() if b is not None}
+    cached = {key: _read_json(os.path.join(_baseline_dir(workdir, key), ROW_FILE))
+              for key in dict.fromkeys(r["baseline"] for r in earlier)}
+    baselines = {key: row for key, row in cached.items() if row is not None}
     points = [_with_delta(r, baselines) for r in earlier]
     for i, (name, (overrides, shared, config)) in enumerate(planned.items(), 1):
         point_dir = os.path.join(workdir, name)
