@@ -151,6 +151,7 @@ def default_config() -> ml_collections.ConfigDict:
         # K > 0: the predictor predicts CAPI's online Sinkhorn-Knopp assignments of the targets to K clusters
         # (a cross-entropy) instead of regressing them; 0: the reference. step.cluster_assignments.
         target_clusters=0,
+        cluster_temperatures=(0.06, 0.12),  # CAPI's (teacher: Sinkhorn-Knopp, student: cross-entropies)
     )
     return c
 
@@ -301,8 +302,8 @@ NUMBERS = (
     "optim.warmup_epochs", "data.color_jitter_strength", "eval.knn_temperature",
 )
 # (low, high) pairs of finite numbers.
-PAIRS = ("optim.ema", "data.crop_scale", "mask.target_scale", "mask.target_aspect", "mask.context_scale",
-         "mask.context_aspect")
+PAIRS = ("optim.ema", "optim.cluster_temperatures", "data.crop_scale", "mask.target_scale", "mask.target_aspect",
+         "mask.context_scale", "mask.context_aspect")
 # Sequences of finite numbers.
 SEQUENCES = ("data.mean", "data.std", "eval.probe_lrs", "eval.probe_weight_decays", "eval.attentive_lrs")
 
@@ -509,6 +510,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if not isinstance(clusters, int) or clusters == 1 or clusters < 0:
         raise ValueError(f"optim.target_clusters={clusters!r}: give a number of clusters K >= 2 (CAPI's targets), "
                          "or 0 (the reference: regress the target features).")
+    teacher_temp, student_temp = o.cluster_temperatures
+    if not (teacher_temp > 0 and student_temp > 0):
+        raise ValueError(f"optim.cluster_temperatures=({teacher_temp}, {student_temp}): give (teacher, student) "
+                         "temperatures > 0 (CAPI's are (0.06, 0.12)).")
     if o.ipe_scale <= 0:
         raise ValueError(f"optim.ipe_scale={o.ipe_scale} must be > 0 (the schedules span ipe_scale x the epochs).")
     if config.total_steps == 0 or config.total_steps < -1:

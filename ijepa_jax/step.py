@@ -22,6 +22,12 @@ import optax
 from ijepa_jax import optim
 from ijepa_jax.models import vit
 
+# CAPI's clustering settings (Darcet et al., 2025; facebookresearch/capi default_pretrain_config.yaml):
+# target_temp 0.06 for the Sinkhorn-Knopp assignments; student_temp and pred_temp 0.12 for both
+# cross-entropies (optim.cluster_temperatures overrides the pair).
+CAPI_TEMPERATURES = (0.06, 0.12)
+SINKHORN_ITERS = 3
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -45,6 +51,7 @@ class Models:
     target_layers: int = 1  # > 1: data2vec 2.0's targets from the last K blocks (see target_features)
     pooled_target_weight: float = 0.0  # > 0: the pooled context features regress the pooled target
     target_clusters: int = 0  # K > 0: predict CAPI's cluster assignments of the targets (see cluster_assignments)
+    cluster_temperatures: tuple = CAPI_TEMPERATURES  # (teacher: Sinkhorn-Knopp, student: cross-entropies)
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -60,6 +67,7 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         target_layers=config.optim.get("target_layers", 1),
         pooled_target_weight=config.optim.get("pooled_target_weight", 0.0),
         target_clusters=config.optim.get("target_clusters", 0),
+        cluster_temperatures=tuple(config.optim.get("cluster_temperatures", CAPI_TEMPERATURES)),
     )
 
 
@@ -145,7 +153,8 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
     h = jax.lax.stop_gradient(target_features(target_params, images, models))
     terms = {}
     if models.target_clusters:
-        h_or_q, terms["cluster_loss"] = cluster_assignments(params["clusters"]["teacher"], h)
+        h_or_q, terms["cluster_loss"] = cluster_assignments(params["clusters"]["teacher"], h,
+                                                            models.cluster_temperatures)
     else:
         h_or_q = h
     # Gathered before the mask sets are flattened: every set's targets come from one pass, h unrepeated.
@@ -158,7 +167,8 @@ def loss_terms(params, target_params, batch, models: Models, step=0) -> dict:
 
     valid = batch["target_valid"].astype(jnp.float32)
     if models.target_clusters:
-        per_token = optax.softmax_cross_entropy(student_cluster_logits(params["clusters"]["student"], pred), targets)
+        logits = student_cluster_logits(params["clusters"]["student"], pred, models.cluster_temperatures[1])
+        per_token = optax.softmax_cross_entropy(logits, targets)
     else:
         per_token = regression_loss(pred, targets, models.loss)
     terms["prediction_loss"] = (per_token * valid).sum() / jnp.maximum(valid.sum(), 1.0)
@@ -207,11 +217,6 @@ def target_features(target_params, images, models: Models) -> jax.Array:
     return jax.nn.standardize(layers.mean(0), axis=-1, epsilon=1e-5)
 
 
-# CAPI's clustering settings (Darcet et al., 2025; facebookresearch/capi default_pretrain_config.yaml).
-CLUSTER_TEACHER_TEMP = 0.06  # target_temp: the Sinkhorn-Knopp assignments
-CLUSTER_STUDENT_TEMP = 0.12  # student_temp and pred_temp: both cross-entropies
-SINKHORN_ITERS = 3
-
 
 def init_cluster_heads(rng: jax.Array, dim: int, k: int) -> dict:
     """CAPI's two heads over K clusters (capi model.py): the teacher's online clustering, prototypes ~ N(0, 1)
@@ -243,26 +248,29 @@ def sinkhorn_knopp(scores: jax.Array, iters: int = SINKHORN_ITERS) -> jax.Array:
     return jnp.exp(log_q)
 
 
-def cluster_assignments(teacher: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cluster_assignments(teacher: dict, h: jax.Array,
+                        temperatures: tuple = CAPI_TEMPERATURES) -> tuple[jax.Array, jax.Array]:
     """CAPI's targets from the target features h (B, N, D): (assignments (B, N, K), clustering loss).
 
     The L2-normalised tokens score against K prototypes (a linear layer with bias). Sinkhorn-Knopp over all
-    B x N tokens of the (global) batch at temperature 0.06 turns the scores into balanced assignments,
-    which the predictor's tokens learn to predict. The prototypes learn online to predict the assignments
-    of their own scores at temperature 0.12 (the clustering loss, a gradient into the prototypes only).
+    B x N tokens of the (global) batch at the teacher temperature (CAPI: 0.06) turns the scores into balanced
+    assignments, which the predictor's tokens learn to predict. The prototypes learn online to predict the
+    assignments of their own scores at the student temperature (CAPI: 0.12; the clustering loss, a gradient
+    into the prototypes only).
     CAPI balances each patch position separately over its 16,384 images; at small batches there are too
     few images per position, so all tokens are balanced together (its positionwise_sk=False)."""
     b, n, _ = h.shape
     scores = l2_normalize(jax.lax.stop_gradient(h), 1e-7) @ teacher["prototypes"] + teacher["bias"]
-    q = sinkhorn_knopp(jax.lax.stop_gradient(scores).reshape(b * n, -1) / CLUSTER_TEACHER_TEMP).reshape(b, n, -1)
-    return q, optax.softmax_cross_entropy(scores / CLUSTER_STUDENT_TEMP, q).mean()
+    teacher_temp, student_temp = temperatures
+    q = sinkhorn_knopp(jax.lax.stop_gradient(scores).reshape(b * n, -1) / teacher_temp).reshape(b, n, -1)
+    return q, optax.softmax_cross_entropy(scores / student_temp, q).mean()
 
 
-def student_cluster_logits(student: dict, pred: jax.Array) -> jax.Array:
+def student_cluster_logits(student: dict, pred: jax.Array, temperature: float = CAPI_TEMPERATURES[1]) -> jax.Array:
     """The predictor's tokens (..., D) as CAPI's student scores over the K clusters (..., K): gain x cosine to
     each weight-normalised direction, over the student temperature."""
     directions = student["kernel"] / (jnp.linalg.norm(student["kernel"], axis=0, keepdims=True) + 1e-8)
-    return student["scale"] * (l2_normalize(pred, 1e-12) @ directions) / CLUSTER_STUDENT_TEMP
+    return student["scale"] * (l2_normalize(pred, 1e-12) @ directions) / temperature
 
 
 def regression_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:

@@ -215,19 +215,20 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def numpy_cluster_terms(params, target_params, batch):
+def numpy_cluster_terms(params, target_params, batch, teacher_temp=0.06, student_temp=0.12):
     """(prediction loss, clustering loss) of CAPI's objective in float64 (capi model.py, train_capi.py): the
-    teacher's L2-normalised target tokens score against prototypes + bias; SK at temperature 0.06 over all
-    tokens of the batch gives Q; the student's gain x cosine to the normalised directions at 0.12 predicts
-    Q at the target tokens; the teacher's own scores at 0.12 predict Q at every token."""
+    teacher's L2-normalised target tokens score against prototypes + bias; SK at the teacher temperature
+    (CAPI: 0.06) over all tokens of the batch gives Q; the student's gain x cosine to the normalised
+    directions at the student temperature (CAPI: 0.12) predicts Q at the target tokens; the teacher's own
+    scores at the student temperature predict Q at every token."""
     f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
     enc, pred, tgt_enc, heads = (f64(params["encoder"]), f64(params["predictor"]), f64(target_params),
                                  f64(params["clusters"]))
     teacher, student = heads["teacher"], heads["student"]
     h = np.stack([numpy_targets(image, tgt_enc, 1) for image in batch["images"]])  # (B, N, D)
     scores = h / np.linalg.norm(h, axis=-1, keepdims=True) @ teacher["prototypes"] + teacher["bias"]
-    q = numpy_sinkhorn(scores.reshape(-1, CLUSTERS) / 0.06, 3).reshape(scores.shape)
-    clustering = -(q * log_softmax(scores / 0.12)).sum(-1).mean()
+    q = numpy_sinkhorn(scores.reshape(-1, CLUSTERS) / teacher_temp, 3).reshape(scores.shape)
+    clustering = -(q * log_softmax(scores / student_temp)).sum(-1).mean()
     directions = student["kernel"] / np.linalg.norm(student["kernel"], axis=0)
     total, count = 0.0, 0
     for b in range(batch["images"].shape[0]):
@@ -236,7 +237,7 @@ def numpy_cluster_terms(params, target_params, batch):
         for m in range(batch["target_idx"].shape[1]):
             tgt = batch["target_idx"][b, m][batch["target_valid"][b, m]]
             p = golden.predict(z, ctx, tgt, pred)
-            s = student["scale"] * (p / np.linalg.norm(p, axis=-1, keepdims=True) @ directions) / 0.12
+            s = student["scale"] * (p / np.linalg.norm(p, axis=-1, keepdims=True) @ directions) / student_temp
             total += -(q[b, tgt] * log_softmax(s)).sum()
             count += len(tgt)
     return total / count, clustering
@@ -276,6 +277,24 @@ def test_clustering_targets_match_numpy(cluster_problem):
     assert total == pytest.approx(want_prediction + want_clustering, rel=1e-5)
 
 
+def test_other_cluster_temperatures_match_numpy_at_those_temperatures(cluster_problem):
+    """optim.cluster_temperatures = (teacher, student) replaces CAPI's (0.06, 0.12) in all three places:
+    the Sinkhorn-Knopp assignments, the prototypes' cross-entropy and the predictor's."""
+    models, params, target, batch = cluster_problem
+    warmer = dataclasses.replace(models, cluster_temperatures=(0.1, 0.2))
+    terms = step_lib.loss_terms(params, target, batch, warmer)
+    want_prediction, want_clustering = numpy_cluster_terms(params, target, batch, 0.1, 0.2)
+    assert float(terms["prediction_loss"]) == pytest.approx(want_prediction, rel=1e-5)
+    assert float(terms["cluster_loss"]) == pytest.approx(want_clustering, rel=1e-5)
+    capi = numpy_cluster_terms(params, target, batch)
+    assert abs(want_prediction - capi[0]) > 1e-2 and abs(want_clustering - capi[1]) > 1e-2
+    from conftest import small_config
+
+    config = small_config(**{"optim.target_clusters": 16, "optim.cluster_temperatures": (0.1, 0.2)})
+    assert step_lib.make_models(config, grid=4).cluster_temperatures == (0.1, 0.2)
+    assert step_lib.make_models(small_config(), grid=4).cluster_temperatures == step_lib.CAPI_TEMPERATURES
+
+
 def test_the_clustering_loss_trains_only_the_prototypes_and_the_prediction_not_them(cluster_problem):
     models, params, target, batch = cluster_problem
     term = lambda name: lambda p, t: step_lib.loss_terms(p, t, batch, models)[name]  # noqa: E731
@@ -309,6 +328,16 @@ def test_a_train_step_with_clustering_targets_keeps_the_reference_initialisation
     assert float(metrics["loss"]) == pytest.approx(parts, rel=1e-6) and np.isfinite(parts)
     # A cross-entropy over 16 clusters starts near log 16, not near a regression loss's ~1.
     assert 1.5 < float(metrics["prediction_loss"]) < 4.0
+
+
+@pytest.mark.parametrize("temperatures", [(0.0, 0.12), (0.06, -0.1)])
+def test_cluster_temperatures_at_or_below_zero_are_refused(temperatures):
+    from conftest import small_config
+
+    from ijepa_jax import config_lib
+
+    with pytest.raises(ValueError, match=r"optim.cluster_temperatures=.*give \(teacher, student\) temperatures > 0"):
+        config_lib.validate(small_config(**{"optim.cluster_temperatures": temperatures}), jax.device_count())
 
 
 @pytest.mark.parametrize("value", [1, -2])
