@@ -217,7 +217,6 @@ def target_features(target_params, images, models: Models) -> jax.Array:
     return jax.nn.standardize(layers.mean(0), axis=-1, epsilon=1e-5)
 
 
-
 def init_cluster_heads(rng: jax.Array, dim: int, k: int) -> dict:
     """CAPI's two heads over K clusters (capi model.py): the teacher's online clustering, prototypes ~ N(0, 1)
     and a zero bias; the student's weight-normalised linear layer, directions ~ truncated normal (std 0.02),
