@@ -247,9 +247,9 @@ def sinkhorn_knopp(scores: jax.Array, iters: int = SINKHORN_ITERS) -> jax.Array:
     return jnp.exp(log_q)
 
 
-def cluster_assignments(teacher: dict, h: jax.Array,
-                        temperatures: tuple = CAPI_TEMPERATURES) -> tuple[jax.Array, jax.Array]:
-    """CAPI's targets from the target features h (B, N, D): (assignments (B, N, K), clustering loss).
+def cluster_assignments(teacher: dict, h: jax.Array, temperatures: tuple) -> tuple[jax.Array, jax.Array]:
+    """CAPI's targets from the target features h (B, N, D) at `temperatures` (teacher, student):
+    (assignments (B, N, K), clustering loss).
 
     The L2-normalised tokens score against K prototypes (a linear layer with bias). Sinkhorn-Knopp over all
     B x N tokens of the (global) batch at the teacher temperature (CAPI: 0.06) turns the scores into balanced
@@ -265,7 +265,7 @@ def cluster_assignments(teacher: dict, h: jax.Array,
     return q, optax.softmax_cross_entropy(scores / student_temp, q).mean()
 
 
-def student_cluster_logits(student: dict, pred: jax.Array, temperature: float = CAPI_TEMPERATURES[1]) -> jax.Array:
+def student_cluster_logits(student: dict, pred: jax.Array, temperature: float) -> jax.Array:
     """The predictor's tokens (..., D) as CAPI's student scores over the K clusters (..., K): gain x cosine to
     each weight-normalised direction, over the student temperature."""
     directions = student["kernel"] / (jnp.linalg.norm(student["kernel"], axis=0, keepdims=True) + 1e-8)
