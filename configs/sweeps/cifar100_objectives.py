@@ -104,4 +104,7 @@ POINTS = {
     # Adam's second moment over ~20 steps instead of ~1,000 (b2 0.95, as MAE and CAPI train): at batch 32
     # the gradients are noisy and their scale moves as the targets spread. The reference: 0.999.
     "capi1024_batch32_lr125_b295_seed1": {**CAPI_BATCH32, "optim.b2": 0.95, "seed": 1},
+    # Crops of at least half the image instead of 0.3: the probes see whole 32px images at their own
+    # scale, and a 0.3 crop of a 32px image is a 17px patch blown up to 32 (blurred). The reference: 0.3.
+    "capi1024_batch32_lr125_crop50_seed1": {**CAPI_BATCH32, "data.crop_scale": (0.5, 1.0), "seed": 1},
 }
