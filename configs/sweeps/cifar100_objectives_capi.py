@@ -20,6 +20,6 @@ NAMES = ("control", "capi1024", "capi1024_seed1", "capi1024_novarcov", "control_
          "capi1024_batch32_lr125_sets4_seed1", "capi1024_batch32_lr25_seed1",
          "capi1024_batch32_lr125_targets2_seed1", "capi1024_batch32_lr125_pred12_seed1",
          "capi1024_batch32_lr125_tt10_seed1", "capi1024_batch32_lr125_ema97_seed1",
-         "capi1024_batch32_lr125_b295_seed1",
-         "capi1024_batch32_lr125_crop50_seed1", "capi1024_batch16_lr0625")
+         "capi1024_batch32_lr125_b295_seed1", "capi1024_batch32_lr125_crop50_seed1",
+         "capi1024_batch16_lr0625")
 POINTS = {name: _ALL["POINTS"][name] for name in NAMES}
