@@ -151,7 +151,9 @@ def default_config() -> ml_collections.ConfigDict:
         # K > 0: the predictor predicts CAPI's online Sinkhorn-Knopp assignments of the targets to K clusters
         # (a cross-entropy) instead of regressing them; 0: the reference. step.cluster_assignments.
         target_clusters=0,
-        cluster_temperatures=(0.06, 0.12),  # CAPI's (teacher: Sinkhorn-Knopp, student: cross-entropies)
+        # (teacher: Sinkhorn-Knopp, student: both cross-entropies); CAPI's default_pretrain_config.yaml:
+        # target_temp 0.06, student_temp = pred_temp 0.12.
+        cluster_temperatures=(0.06, 0.12),
     )
     return c
 
@@ -506,7 +508,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"optim.target_layers={o.target_layers}: the targets average the last K of {m.name}'s {depth} blocks; "
             f"give 1 (the reference) to {depth}."
         )
-    clusters = o.get("target_clusters", 0)
+    clusters = o.target_clusters
     if not isinstance(clusters, int) or clusters == 1 or clusters < 0:
         raise ValueError(f"optim.target_clusters={clusters!r}: give a number of clusters K >= 2 (CAPI's targets), "
                          "or 0 (the reference: regress the target features).")

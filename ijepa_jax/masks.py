@@ -77,7 +77,7 @@ class MaskSpec:
             mode=m.mode,
             context_tokens=m.context_tokens,
             pad_multiple=resolve_pad_multiple(config),
-            sets=m.get("sets", 1),
+            sets=m.sets,
         )
 
     @property

@@ -22,10 +22,6 @@ import optax
 from ijepa_jax import optim
 from ijepa_jax.models import vit
 
-# CAPI's clustering settings (Darcet et al., 2025; facebookresearch/capi default_pretrain_config.yaml):
-# target_temp 0.06 for the Sinkhorn-Knopp assignments; student_temp and pred_temp 0.12 for both
-# cross-entropies (optim.cluster_temperatures overrides the pair).
-CAPI_TEMPERATURES = (0.06, 0.12)
 SINKHORN_ITERS = 3
 
 
@@ -45,13 +41,13 @@ class Models:
     predictor: vit.Predictor
     mean: tuple
     std: tuple
-    loss: str = "smooth_l1"
-    var_cov_weight: float = 0.0  # > 0: an anti-collapse term (not in the reference; see var_cov_penalty)
-    sigreg_weight: float = 0.0  # > 0: another one (not in the reference; see sigreg)
-    target_layers: int = 1  # > 1: data2vec 2.0's targets from the last K blocks (see target_features)
-    pooled_target_weight: float = 0.0  # > 0: the pooled context features regress the pooled target
-    target_clusters: int = 0  # K > 0: predict CAPI's cluster assignments of the targets (see cluster_assignments)
-    cluster_temperatures: tuple = CAPI_TEMPERATURES  # (teacher: Sinkhorn-Knopp, student: cross-entropies)
+    loss: str  # 'smooth_l1' (the reference) or 'l2'
+    var_cov_weight: float  # > 0: an anti-collapse term (not in the reference; see var_cov_penalty)
+    sigreg_weight: float  # > 0: another one (not in the reference; see sigreg)
+    target_layers: int  # > 1: data2vec 2.0's targets from the last K blocks (see target_features)
+    pooled_target_weight: float  # > 0: the pooled context features regress the pooled target
+    target_clusters: int  # K > 0: predict CAPI's cluster assignments of the targets (see cluster_assignments)
+    cluster_temperatures: tuple  # (teacher: Sinkhorn-Knopp, student: cross-entropies)
 
 
 def make_models(config, grid: int, activation_sharding=None) -> Models:
@@ -64,10 +60,10 @@ def make_models(config, grid: int, activation_sharding=None) -> Models:
         loss=config.optim.loss,
         var_cov_weight=config.optim.var_cov_weight,
         sigreg_weight=config.optim.sigreg_weight,
-        target_layers=config.optim.get("target_layers", 1),
-        pooled_target_weight=config.optim.get("pooled_target_weight", 0.0),
-        target_clusters=config.optim.get("target_clusters", 0),
-        cluster_temperatures=tuple(config.optim.get("cluster_temperatures", CAPI_TEMPERATURES)),
+        target_layers=config.optim.target_layers,
+        pooled_target_weight=config.optim.pooled_target_weight,
+        target_clusters=config.optim.target_clusters,
+        cluster_temperatures=tuple(config.optim.cluster_temperatures),
     )
 
 
