@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ijepa_jax import files, sharding
+from ijepa_jax import files, sharding, workdir
 from ijepa_jax import step as step_lib
 
 # Config entries that must match for a checkpoint's state to fit this run.
@@ -164,6 +164,40 @@ def check_compatible(saved: dict, config, where: str) -> None:
         )
 
 
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _leaf_shapes(tree) -> dict:
+    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_state_fits(manager, step: int, abstract_state, saved: dict, config, where: str,
+                     partial: bool = False) -> None:
+    """Raise ValueError when `step` holds other arrays than `abstract_state` (e.g. a run saved without
+    optim.target_clusters has no prototypes), naming them and the config entries that differ: a state
+    that does not fit is a config mistake, not a damaged checkpoint. `partial`: `abstract_state` is a
+    part of the saved state. Unreadable metadata is left to the restore, which reports the step as damaged."""
+    try:
+        theirs = _leaf_shapes(manager.item_metadata(step)["state"])
+    except Exception:  # orbax raises many types for damaged metadata
+        return
+    ours = _leaf_shapes(abstract_state)
+    problems = [f"{k}: not in the checkpoint" for k in ours if k not in theirs]
+    if not partial:  # a partial restore reads what it needs and leaves the rest
+        problems += [f"{k}: only in the checkpoint" for k in theirs if k not in ours]
+    problems += [f"{k}: checkpoint {theirs[k]}, this run {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    if not problems:
+        return
+    saved = {k: v for k, v in saved.items() if k != PROCESSES_KEY}
+    changed = workdir.differences(saved, json.loads(config.to_json_best_effort()))
+    raise ValueError(
+        f"The checkpoint in {where} (step {step}) holds another state than this run's: {len(problems)} arrays differ, "
+        f"e.g. {'; '.join(problems[:3])}. The config differs from the one it was saved with in: "
+        f"{'; '.join(changed[:8]) or 'nothing'}. Use the config it was trained with, or a new --workdir."
+    )
+
+
 def warn_inexact_resume(saved: dict, config) -> None:
     """Changing these between save and resume is allowed, but the continuation is no longer exact."""
     for key in STREAM_KEYS:
@@ -215,7 +249,7 @@ def checksums(tree) -> dict:
     them. Computed on the devices (every process calls it); a few KiB of JSON per checkpoint."""
     values = sharding.to_host(_fingerprints(tree))
     return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in np.asarray(leaf)]
+        _leaf_name(path): [int(v) for v in np.asarray(leaf)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]
     }
 
@@ -266,6 +300,7 @@ def restore(manager, step: int, abstract_state, config, where: str) -> tuple:
     except Exception as e:  # orbax raises many types for a damaged or emptied metadata file
         raise CheckpointDamaged(step, f"has an unreadable config ({first_line(e)})") from e
     check_compatible(saved_config, config, where)
+    check_state_fits(manager, step, abstract_state, saved_config, config, where)
     warn_inexact_resume(saved_config, config)
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
     has_checksums = (manager.directory / str(step) / "checksums").exists()  # older checkpoints have none
@@ -336,6 +371,7 @@ def restore_weights(path: str, abstract_state, config):
     weights = {"params": abstract_state.params, "target_params": abstract_state.target_params}
     manager, _ = read_only_manager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
     with contextlib.closing(manager):
+        check_state_fits(manager, step, weights, saved_config, config, path, partial=True)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=weights, restore_args=ocp.checkpoint_utils.construct_restore_args(weights), partial_restore=True,
         )))

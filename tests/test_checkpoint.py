@@ -281,6 +281,20 @@ def test_a_different_model_is_refused_naming_what_differs(continuous_run):
         train.train(config, continuous_run)
 
 
+def test_a_state_of_another_objective_is_a_config_error_not_a_damaged_checkpoint(continuous_run):
+    """CAPI's clustering head adds parameters that the saved run never had: the error names them and the
+    config entry, and the good checkpoints stay where they are (no 'move the damaged steps out')."""
+    steps_before = sorted(os.listdir(os.path.join(continuous_run, "checkpoints")))
+    clusters = small_config(total_steps=6, **{"optim.target_clusters": 16, "optim.var_cov_weight": 1.0})
+    with pytest.raises(ValueError, match=r"params/clusters/.*not in the checkpoint.*optim\.target_clusters: 0 -> 16"):
+        train.train(clusters, continuous_run)
+    exp = train.build(clusters)
+    with pytest.raises(ValueError, match=r"params/clusters/.*not in the checkpoint"):
+        checkpoint.restore_weights(continuous_run, exp.abstract_state, exp.config)
+    assert sorted(os.listdir(os.path.join(continuous_run, "checkpoints"))) == steps_before
+    assert not os.path.exists(os.path.join(continuous_run, "damaged_checkpoints"))
+
+
 @damaged_restore
 def test_a_corrupt_only_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
     train.train(small_config(total_steps=2), str(tmp_path))
