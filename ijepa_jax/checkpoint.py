@@ -164,12 +164,8 @@ def check_compatible(saved: dict, config, where: str) -> None:
         )
 
 
-def _leaf_name(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _leaf_shapes(tree) -> dict:
-    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {sharding.leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_state_fits(manager, step: int, abstract_state, saved: dict, config, where: str,
@@ -186,7 +182,8 @@ def check_state_fits(manager, step: int, abstract_state, saved: dict, config, wh
     problems = [f"{k}: not in the checkpoint" for k in ours if k not in theirs]
     if not partial:  # a partial restore reads what it needs and leaves the rest
         problems += [f"{k}: only in the checkpoint" for k in theirs if k not in ours]
-    problems += [f"{k}: checkpoint {theirs[k]}, this run {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    problems += [f"{k}: checkpoint {theirs[k]}, this run {shape}" for k, shape in ours.items()
+                 if k in theirs and theirs[k] != shape]
     if not problems:
         return
     saved = {k: v for k, v in saved.items() if k != PROCESSES_KEY}
@@ -249,7 +246,7 @@ def checksums(tree) -> dict:
     them. Computed on the devices (every process calls it); a few KiB of JSON per checkpoint."""
     values = sharding.to_host(_fingerprints(tree))
     return {
-        _leaf_name(path): [int(v) for v in np.asarray(leaf)]
+        sharding.leaf_name(path): [int(v) for v in np.asarray(leaf)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]
     }
 

@@ -81,13 +81,17 @@ def leaf_spec(path: str, shape: tuple, fsdp_size: int, rules=STATE_RULES) -> P:
     return P(*[FSDP_AXIS if i == axis else None for i in range(len(shape))])
 
 
+def leaf_name(path) -> str:
+    """A pytree leaf's path as the rules above (and checkpoint's checksums) write it: 'params/encoder/...'."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def state_sharding(abstract_state, mesh):
     """NamedShardings for every leaf of a (train) state pytree, by `STATE_RULES`."""
     fsdp_size = mesh.shape[FSDP_AXIS]
 
     def one(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        return NamedSharding(mesh, leaf_spec(name, tuple(leaf.shape), fsdp_size))
+        return NamedSharding(mesh, leaf_spec(leaf_name(path), tuple(leaf.shape), fsdp_size))
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)
 
