@@ -44,17 +44,21 @@ ARCHITECTURE_KEYS = (
     "model.scan_layers",
     "data.crop_size",
 )
-# Entries that shape the data stream or the schedules: a change makes a resume inexact (warned about).
-STREAM_KEYS = (
-    "seed",
-    "data.source",
-    "data.batch_size",
-    "data.max_samples_per_class",
-    "data.crop_scale",
-    "optim.epochs",
-    "optim.ipe_scale",
-    "mask.mode",
-    "mask.context_tokens",
+# Entries that change neither the state, the data stream, the masks nor the step's arithmetic: a resume
+# with other values is still an exact continuation. A change of any other entry is warned about.
+RESUME_FREE_KEYS = (
+    "total_steps",
+    "log_every_steps",
+    "compilation_cache_dir",
+    "data.root",
+    "data.download",
+    "data.tfds_data_dir",
+    "data.num_workers",  # the data position is a batch index (tested across worker counts)
+    "data.num_threads",
+    "data.prefetch_batches",
+    "data.on_bad_image",
+    "checkpoint",
+    "eval",
 )
 # Saved beside the config: mask draws fold in the process index and block sizes are drawn per local
 # batch, so a resume on another process count is not an exact continuation.
@@ -186,8 +190,7 @@ def check_state_fits(manager, step: int, abstract_state, saved: dict, config, wh
                  if k in theirs and theirs[k] != shape]
     if not problems:
         return
-    saved = {k: v for k, v in saved.items() if k != PROCESSES_KEY}
-    changed = workdir.differences(saved, json.loads(config.to_json_best_effort()))
+    changed = workdir.differences(saved, json.loads(config.to_json_best_effort()), skip=(PROCESSES_KEY,))
     raise ValueError(
         f"The checkpoint in {where} (step {step}) holds another state than this run's: {len(problems)} arrays differ, "
         f"e.g. {'; '.join(problems[:3])}. The config differs from the one it was saved with in: "
@@ -196,15 +199,12 @@ def check_state_fits(manager, step: int, abstract_state, saved: dict, config, wh
 
 
 def warn_inexact_resume(saved: dict, config) -> None:
-    """Changing these between save and resume is allowed, but the continuation is no longer exact."""
-    for key in STREAM_KEYS:
-        section, _, name = key.rpartition(".")
-        theirs = saved.get(section, {}).get(name) if section else saved.get(name)
-        ours = config[section][name] if section else config[name]
-        if isinstance(ours, tuple):
-            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
-        if theirs != ours:
-            logging.warning("resuming with %s=%r (the checkpoint had %r): not an exact continuation", key, ours, theirs)
+    """Changing the config between save and resume is allowed, but only RESUME_FREE_KEYS keep it exact."""
+    changed = workdir.differences(saved, json.loads(config.to_json_best_effort()),
+                                  skip=(*RESUME_FREE_KEYS, PROCESSES_KEY), saved_only=True)
+    if changed:
+        logging.warning("resuming with a config that differs from the checkpoint's in %s: not an exact "
+                        "continuation", "; ".join(changed))
     saved_processes = saved.get(PROCESSES_KEY, jax.process_count())
     if saved_processes != jax.process_count():
         logging.warning(

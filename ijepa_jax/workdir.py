@@ -188,15 +188,20 @@ def restart_after_early_crash(workdir: str, config) -> None:
               f"step 0 (its records are in {dest})", flush=True)
 
 
-def differences(saved: dict, ours: dict, prefix: str = "") -> list[str]:
-    """'key: saved -> ours' for every entry of two config dicts that differs."""
+def differences(saved: dict, ours: dict, prefix: str = "", skip: tuple = (), saved_only: bool = False) -> list[str]:
+    """'key: saved -> ours' for every entry of two config dicts that differs.
+
+    `skip`: dotted keys or whole sections left out; `saved_only`: only the entries `saved` has (a config
+    written before an option existed lacks it, and the option's default keeps the old behaviour)."""
     out = []
     for key in sorted(set(saved) | set(ours)):
-        a, b = saved.get(key), ours.get(key)
+        name, a, b = f"{prefix}{key}", saved.get(key), ours.get(key)
+        if (saved_only and key not in saved) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, f"{name}.", skip, saved_only)
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            out.append(f"{name}: {a!r} -> {b!r}")
     return out
 
 

@@ -476,6 +476,25 @@ def test_resuming_on_another_process_count_is_announced(caplog):
     assert caplog.text == ""
 
 
+def test_a_resume_warns_about_every_changed_entry_but_the_free_ones(caplog):
+    """Any config change between save and resume is announced as inexact (mask.sets, a later option,
+    included), except entries that touch neither the state nor the stream: paths, checkpoint and eval
+    settings. An entry the checkpoint's config lacks (it predates the option) is not a change."""
+    config = small_config()
+    saved = json.loads(config.to_json_best_effort())
+    saved["mask"]["sets"] = 2
+    saved["data"]["crop_scale"] = [0.5, 1.0]
+    saved["data"]["root"] = "/elsewhere"
+    saved["checkpoint"]["every_steps"] += 7
+    saved["eval"]["knn_k"] = 5
+    del saved["optim"]["cluster_temperatures"]
+    with caplog.at_level("WARNING"):
+        checkpoint.warn_inexact_resume(saved, config)
+    assert "mask.sets: 2 -> 1" in caplog.text and "data.crop_scale: [0.5, 1.0] -> [0.3, 1.0]" in caplog.text
+    for quiet in ("data.root", "checkpoint.every_steps", "eval.knn_k", "cluster_temperatures"):
+        assert quiet not in caplog.text
+
+
 def test_closing_waits_for_orbaxs_cleanup_of_an_earlier_runs_partial_save(tmp_path, monkeypatch):
     """A manager made and closed at once (a refused start) still finishes removing an earlier run's
     temporary folder before it closes, however slow that is: nothing is left scheduling on closed executors."""
