@@ -15,7 +15,7 @@ momentum 1: the target encoder stays at its initialisation), the follow-ups of c
 without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips; at batch 32
 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below, at twice the lr, with
 fewer, larger targets, with a 12-block predictor, with a warmer clustering teacher, with a fixed EMA of
-0.97 and with Adam's b2 at 0.95), and the control's second seed. The points are overrides on the
+0.97, with Adam's b2 at 0.95 and with a frozen target), and the control's second seed. The points are overrides on the
 reference recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the control is what
 small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options (docs/reference-parity.md
 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the pooled-target term, CAPI's
@@ -107,4 +107,8 @@ POINTS = {
     # Crops of at least half the image instead of 0.3: the probes see whole 32px images at their own
     # scale, and a 0.3 crop of a 32px image is a 17px patch blown up to 32 (blurred). The reference: 0.3.
     "capi1024_batch32_lr125_crop50_seed1": {**CAPI_BATCH32, "data.crop_scale": (0.5, 1.0), "seed": 1},
+    # What the EMA adds to the shipped default: a target encoder that stays at its initialisation (EMA
+    # momentum 1), so the clusters are of random features. Its target encoder is the random init; probe
+    # the online one (evaluate --which=online). Paired with batch 32's seed-1 point.
+    "capi1024_batch32_lr125_frozen_seed1": {**CAPI_BATCH32, "optim.ema": (1.0, 1.0), "seed": 1},
 }
