@@ -15,9 +15,9 @@ momentum 1: the target encoder stays at its initialisation), the follow-ups of c
 without the penalty; at batch 64 and 32 with two seeds each, and at batch 16; with flips; at batch 32
 with a fixed EMA of 0.99, with flips, with 256 clusters, with each option below, at twice the lr, with
 fewer, larger targets, with a 12-block predictor, with a warmer clustering teacher, with a fixed EMA of
-0.97, with Adam's b2 at 0.95 and with a frozen target), and the control's second seed. The points are overrides on the
-reference recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the control is what
-small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options (docs/reference-parity.md
+0.97, with Adam's b2 at 0.95 and with a frozen target), and the control's second seed. The points are
+overrides on the reference recipe (`vit_tiny,reference`: batch 256, lr 1e-3), on which they ran; the
+control is what small_scale_recipe shipped until capi1024_batch64_lr25 replaced it. The options (docs/reference-parity.md
 8-10, and mask.sets): data2vec 2.0 targets from the last 4 of 12 blocks, the pooled-target term, CAPI's
 clustering targets over 1,024 clusters (16 tokens per cluster in a batch of 256 x 64 tokens), 4 mask sets
 per image sharing one target pass. POINTS names each point's overrides, SHARED those every point gets;
