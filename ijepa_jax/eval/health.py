@@ -1,4 +1,4 @@
-"""Representation-health diagnostics: is the target encoder collapsing?
+"""Representation-health diagnostics: are the encoders collapsing?
 
 Cheap enough to run every few hundred steps on one fixed held-out batch.
 With an EMA target, a training loss that falls fast can mean the targets are
@@ -11,6 +11,11 @@ than informative; these numbers tell the two apart:
   mean per-dimension std of the loss's LayerNorm-ed targets, of the
     predictor's outputs and of the raw pooled features: how much they vary;
   mean cosine similarity between different images' pooled features.
+
+The online (context) encoder's centred ranks, pooled std and cosine come
+beside the target's as `health/online_...`, on the same full images: with a
+slow or frozen EMA (`optim.ema=(1.0, 1.0)`) the target says nothing about
+what the online encoder learns.
 
 `health_metrics` computes them in one jitted call; `collapse_warnings` turns
 them into console warnings (thresholds and their rationale are documented there).
@@ -89,6 +94,8 @@ def compute_health(params, target_params, batch: dict, models: step_lib.Models) 
     h = models.encoder.apply({"params": target_params}, images).astype(jnp.float32)  # (B, N, D), after its LayerNorm
     b, n, d = h.shape
     pooled = h.mean(1)
+    h_online = models.encoder.apply({"params": params["encoder"]}, images).astype(jnp.float32)
+    pooled_online = h_online.mean(1)
     # The loss's targets, gathered at the target blocks of every mask set.
     targets = step_lib.gather_targets(step_lib.target_features(target_params, images, models), batch["target_idx"])
     targets = targets.reshape((-1,) + targets.shape[-3:])
@@ -107,6 +114,11 @@ def compute_health(params, target_params, batch: dict, models: step_lib.Models) 
         "health/pooled_std": mean_feature_std(pooled),
         "health/pooled_rms": jnp.sqrt(jnp.mean(jnp.square(pooled))),
         "health/target_cosine": mean_pairwise_cosine(pooled),
+        "health/online_rank_pooled_centered": effective_rank(pooled_online, center=True),
+        "health/online_rank_tokens_centered": effective_rank(h_online.reshape(b * n, d), center=True),
+        "health/online_pooled_std": mean_feature_std(pooled_online),
+        "health/online_pooled_rms": jnp.sqrt(jnp.mean(jnp.square(pooled_online))),
+        "health/online_cosine": mean_pairwise_cosine(pooled_online),
     }
 
 
@@ -161,31 +173,36 @@ def collapse_warnings(metrics: dict) -> list[str]:
         token, so their per-dimension std is at most 1; below 0.1, 99% of each
         target's energy is one vector common to all tokens, which a predictor
         can output without looking at the context (the trivial solution).
+    The online encoder's ranks, pooled std and cosine are judged as the target's.
     The predictor's std is not judged: its output layer starts small (init std
     0.02), so a low value early on is normal; compare it with the target std.
     """
     warnings = []
-    for kind, max_key in (("pooled", "health/rank_max"), ("tokens", "health/rank_max_tokens")):
-        rank, top = metrics.get(f"health/target_rank_{kind}_centered"), metrics.get(max_key)
-        if rank is None or top is None:
-            continue
-        floor = max(RANK_MIN, RANK_MIN_FRACTION * top)
-        if rank < floor:
+    # (encoder, the prefix of its rank and cosine keys, its pooled std and RMS keys)
+    encoders = (("target", "health/target_", "health/pooled_std", "health/pooled_rms"),
+                ("online", "health/online_", "health/online_pooled_std", "health/online_pooled_rms"))
+    for encoder, prefix, std_key, rms_key in encoders:
+        for kind, max_key in (("pooled", "health/rank_max"), ("tokens", "health/rank_max_tokens")):
+            rank, top = metrics.get(f"{prefix}rank_{kind}_centered"), metrics.get(max_key)
+            if rank is None or top is None:
+                continue
+            floor = max(RANK_MIN, RANK_MIN_FRACTION * top)
+            if rank < floor:
+                warnings.append(
+                    f"collapse: {encoder} encoder {kind} features vary along ~1 direction: centred effective "
+                    f"rank {rank:.2f} < {floor:.2f} (max {top:.0f})"
+                )
+        std, rms = metrics.get(std_key), metrics.get(rms_key)
+        if std is not None and rms is not None and std < POOLED_STD_REL_MIN * rms:
             warnings.append(
-                f"collapse: target encoder {kind} features vary along ~1 direction: centred effective "
-                f"rank {rank:.2f} < {floor:.2f} (max {top:.0f})"
+                f"collapse: pooled {encoder} features vary across images by std {std:.3g} < "
+                f"{POOLED_STD_REL_MIN:g} x their RMS {rms:.3g}: the encoder ignores its input"
             )
-    std, rms = metrics.get("health/pooled_std"), metrics.get("health/pooled_rms")
-    if std is not None and rms is not None and std < POOLED_STD_REL_MIN * rms:
-        warnings.append(
-            f"collapse: pooled target features vary across images by std {std:.3g} < "
-            f"{POOLED_STD_REL_MIN:g} x their RMS {rms:.3g}: the encoder ignores its input"
-        )
-    cos = metrics.get("health/target_cosine")
-    if cos is not None and cos > COSINE_MAX:
-        warnings.append(
-            f"collapse: mean cosine similarity between images' pooled target features {cos:.5f} > {COSINE_MAX}"
-        )
+        cos = metrics.get(f"{prefix}cosine")
+        if cos is not None and cos > COSINE_MAX:
+            warnings.append(
+                f"collapse: mean cosine similarity between images' pooled {encoder} features {cos:.5f} > {COSINE_MAX}"
+            )
     std = metrics.get("health/target_std")
     if std is not None and std < TARGET_STD_MIN:
         warnings.append(

@@ -28,8 +28,10 @@ PANELS = (("loss", "loss"), ("lr", "learning rate"), ("wd", "weight decay"), ("m
 HEALTH_PANELS = (
     ("effective rank (target encoder)", ("health/target_rank_pooled", "health/target_rank_pooled_centered",
                                          "health/target_rank_tokens", "health/target_rank_tokens_centered"), True),
-    ("feature std", ("health/target_std", "health/pred_std", "health/pooled_std"), True),
-    ("cosine between images (pooled)", ("health/target_cosine",), False),
+    ("effective rank (online encoder)", ("health/online_rank_pooled_centered",
+                                         "health/online_rank_tokens_centered"), True),
+    ("feature std", ("health/target_std", "health/pred_std", "health/pooled_std", "health/online_pooled_std"), True),
+    ("cosine between images (pooled)", ("health/target_cosine", "health/online_cosine"), False),
 )
 
 # The quantities a recipe comparison is read from, when logged: (key, title, log y).

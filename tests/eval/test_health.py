@@ -84,6 +84,8 @@ HEALTHY = {
     "health/target_rank_pooled_centered": 9.0, "health/target_rank_tokens_centered": 33.0,
     "health/rank_max": 64.0, "health/rank_max_tokens": 192.0, "health/pooled_std": 0.15,
     "health/pooled_rms": 0.87, "health/target_cosine": 0.96, "health/target_std": 0.4,
+    "health/online_rank_pooled_centered": 9.0, "health/online_rank_tokens_centered": 33.0,
+    "health/online_pooled_std": 0.15, "health/online_pooled_rms": 0.87, "health/online_cosine": 0.96,
 }
 
 
@@ -93,6 +95,10 @@ HEALTHY = {
     ("health/pooled_std", 0.005, "ignores its input"),
     ("health/target_cosine", 0.99995, "cosine"),
     ("health/target_std", 0.05, "target std"),
+    ("health/online_rank_pooled_centered", 1.5, "online encoder pooled features vary along ~1 direction"),
+    ("health/online_rank_tokens_centered", 1.9, "online encoder tokens features vary along ~1 direction"),
+    ("health/online_pooled_std", 0.005, "pooled online features vary across images"),
+    ("health/online_cosine", 0.99995, "pooled online features"),
 ])
 def test_each_threshold_fires_alone(key, value, match):
     assert health.collapse_warnings(HEALTHY) == []
@@ -138,6 +144,27 @@ def test_random_init_is_healthy(tiny):
                       "health/pred_std", "health/target_cosine", "health/rank_max"}
     assert m["health/rank_max"] == 16 and m["health/rank_max_tokens"] == 64  # min(B, D), min(B*N, D)
     assert health.collapse_warnings(m) == [], m
+
+
+def test_the_online_encoder_is_read_on_the_same_images(tiny):
+    """At init the target is a copy of the online encoder, so their numbers agree; an online encoder
+    made image-independent (no patch embedding, no block outputs) is flagged, and the target is not."""
+    models, state, batch = tiny
+    m = health.health_metrics(state.params, state.target_params, batch, models)
+    for online, target in (("online_rank_pooled_centered", "target_rank_pooled_centered"),
+                           ("online_rank_tokens_centered", "target_rank_tokens_centered"),
+                           ("online_pooled_std", "pooled_std"), ("online_pooled_rms", "pooled_rms"),
+                           ("online_cosine", "target_cosine")):
+        assert m[f"health/{online}"] == pytest.approx(m[f"health/{target}"], rel=1e-5), online
+    zero = jnp.zeros_like
+    online = {**state.params, "encoder": with_params(state.params["encoder"], patch_embed__kernel=zero,
+                                                     proj__kernel=zero, fc2__kernel=zero)}
+    m = health.health_metrics(online, state.target_params, batch, models)
+    assert m["health/online_rank_pooled_centered"] == pytest.approx(1.0, abs=1e-3)
+    assert m["health/online_cosine"] == pytest.approx(1.0, abs=1e-5)
+    text = "\n".join(health.collapse_warnings(m))
+    assert "online encoder pooled features vary along ~1 direction" in text and "online features" in text
+    assert "target" not in text
 
 
 def test_sharded_batch_gives_the_same_values(tiny):

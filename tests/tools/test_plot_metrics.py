@@ -20,16 +20,17 @@ def test_plots_training_and_eval_records(tmp_path):
 
 
 def test_plots_health_records_beside_training_records(tmp_path):
-    """Health records are separate records at training steps; they add three panels."""
+    """Health records are separate records at training steps; they add four panels."""
     records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 11)]
     for s in (5, 10):
         records.append({"step": s, "health/target_rank_pooled": 3.0, "health/target_rank_tokens_centered": 30.0,
                         "health/target_std": 0.4, "health/pred_std": 0.1, "health/pooled_std": 0.1,
-                        "health/target_cosine": 0.96, "health/rank_max": 64.0})
+                        "health/target_cosine": 0.96, "health/rank_max": 64.0,
+                        "health/online_rank_pooled_centered": 9.0, "health/online_cosine": 0.95})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     recs = plot_metrics.read_records(str(tmp_path))
     width, height = Image.open(plot_metrics.plot(recs, str(tmp_path / "m.png"))).size
-    assert width > 1000 and 500 < height < 700  # loss, lr + 3 health panels: 2 rows of 3
+    assert width > 1000 and 500 < height < 700  # loss, lr + 4 health panels (two of ranks, std, cosine): 2 rows of 3
     assert plot_metrics.series(recs, "health/target_std") == ([5, 10], [0.4, 0.4])
     assert plot_metrics.series(recs, "loss")[0] == list(range(1, 11))  # health records add no loss points
 
