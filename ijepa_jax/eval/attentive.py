@@ -37,7 +37,7 @@ from ijepa_jax.eval.knn import topk_accuracy
 
 @dataclasses.dataclass(frozen=True)
 class AttentiveSettings:
-    lrs: tuple = (3e-4, 1e-3, 3e-3)
+    lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # config_lib's eval.attentive_lrs
     epochs: int = 20
     batch_size: int = 256
     weight_decay: float = 0.01  # AdamW's, on the projection and classifier matrices
