@@ -37,9 +37,11 @@ from ijepa_jax.eval.knn import topk_accuracy
 
 @dataclasses.dataclass(frozen=True)
 class AttentiveSettings:
-    lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # config_lib's eval.attentive_lrs
-    epochs: int = 20
-    batch_size: int = 256
+    """The sweep's settings; lrs, epochs and batch_size come from the config (`from_config`), where
+    their defaults live (config_lib: eval.attentive_lrs, eval.attentive_epochs, eval.attentive_batch_size)."""
+    lrs: tuple
+    epochs: int
+    batch_size: int
     weight_decay: float = 0.01  # AdamW's, on the projection and classifier matrices
     num_queries: int = 1
     val_fraction: float = 0.1

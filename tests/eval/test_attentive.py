@@ -97,8 +97,8 @@ def test_settings_come_from_the_config_and_bad_values_are_rejected():
     from ijepa_jax import config_lib
 
     c = small_config(**{"eval.attentive_lrs": (1e-3,), "eval.attentive_epochs": 3, "eval.attentive_batch_size": 8})
-    assert attentive.AttentiveSettings.from_config(c.eval) == dataclasses.replace(
-        attentive.AttentiveSettings(), lrs=(1e-3,), epochs=3, batch_size=8)
+    assert attentive.AttentiveSettings.from_config(c.eval) == attentive.AttentiveSettings(
+        lrs=(1e-3,), epochs=3, batch_size=8)
     for overrides, words in [({"eval.attentive_epochs": 0}, "attentive_epochs"),
                              ({"eval.attentive_batch_size": 0}, "attentive_batch_size"),
                              ({"eval.attentive_lrs": ()}, "attentive_lrs"),
