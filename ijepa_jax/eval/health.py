@@ -14,8 +14,8 @@ than informative; these numbers tell the two apart:
 
 The online (context) encoder's centred ranks, pooled std and cosine come
 beside the target's as `health/online_...`, on the same full images: with a
-slow or frozen EMA (`optim.ema=(1.0, 1.0)`) the target says nothing about
-what the online encoder learns.
+slow or frozen EMA (`optim.ema=(1.0, 1.0)`) the target says little (frozen:
+nothing) about what the online encoder learns.
 
 `health_metrics` computes them in one jitted call; `collapse_warnings` turns
 them into console warnings (thresholds and their rationale are documented there).

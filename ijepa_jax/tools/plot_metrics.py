@@ -41,6 +41,7 @@ COMPARE_KEYS = (
     ("eval/linear_last4_bn", "linear monitor top-1", False),
     ("health/target_rank_pooled_centered", "effective rank, pooled target features (centred)", True),
     ("health/target_rank_tokens_centered", "effective rank, target tokens (centred)", True),
+    ("health/online_rank_pooled_centered", "effective rank, pooled online features (centred)", True),
     ("health/target_cosine", "cosine between images (pooled)", False),
     ("lr", "learning rate", False), ("momentum", "EMA momentum", False),
 )

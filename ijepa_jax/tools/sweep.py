@@ -49,7 +49,8 @@ TRAIN_ONLY_EVAL_KEYS = ("every_epochs", "health_every_steps", "monitor_protocols
                         "monitor_test_samples_per_class")
 HEALTH_COLUMNS = (("health/target_rank_pooled_centered", "rank pooled"),
                   ("health/target_rank_tokens_centered", "rank tokens"),
-                  ("health/target_std", "target std"), ("health/target_cosine", "cosine"))
+                  ("health/target_std", "target std"), ("health/target_cosine", "cosine"),
+                  ("health/online_rank_pooled_centered", "online rank pooled"))
 
 
 def load_sweep(path: str) -> tuple[dict, dict]:

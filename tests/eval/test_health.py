@@ -90,15 +90,15 @@ HEALTHY = {
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("health/target_rank_pooled_centered", 1.5, "pooled features vary along ~1 direction"),
-    ("health/target_rank_tokens_centered", 1.9, "tokens features vary along ~1 direction"),
-    ("health/pooled_std", 0.005, "ignores its input"),
-    ("health/target_cosine", 0.99995, "cosine"),
+    ("health/target_rank_pooled_centered", 1.5, "target encoder pooled features vary along ~1 direction"),
+    ("health/target_rank_tokens_centered", 1.9, "target encoder tokens features vary along ~1 direction"),
+    ("health/pooled_std", 0.005, "pooled target features vary across images"),
+    ("health/target_cosine", 0.99995, "pooled target features 0.99995"),
     ("health/target_std", 0.05, "target std"),
     ("health/online_rank_pooled_centered", 1.5, "online encoder pooled features vary along ~1 direction"),
     ("health/online_rank_tokens_centered", 1.9, "online encoder tokens features vary along ~1 direction"),
     ("health/online_pooled_std", 0.005, "pooled online features vary across images"),
-    ("health/online_cosine", 0.99995, "pooled online features"),
+    ("health/online_cosine", 0.99995, "pooled online features 0.99995"),
 ])
 def test_each_threshold_fires_alone(key, value, match):
     assert health.collapse_warnings(HEALTHY) == []
@@ -195,6 +195,7 @@ def test_image_independent_encoder_is_flagged(tiny):
     assert m["health/pooled_std"] < 1e-5
     text = "\n".join(health.collapse_warnings(m))
     assert "pooled features vary along ~1 direction" in text and "ignores its input" in text and "cosine" in text
+    assert "online" not in text  # the online encoder, untouched, is not flagged
 
 
 def test_rank_one_encoder_is_flagged(tiny):

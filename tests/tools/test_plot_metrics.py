@@ -21,7 +21,7 @@ def test_plots_training_and_eval_records(tmp_path):
 
 def test_plots_health_records_beside_training_records(tmp_path):
     """Health records are separate records at training steps; they add four panels."""
-    records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 11)]
+    records = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "wd": 0.04} for s in range(1, 11)]
     for s in (5, 10):
         records.append({"step": s, "health/target_rank_pooled": 3.0, "health/target_rank_tokens_centered": 30.0,
                         "health/target_std": 0.4, "health/pred_std": 0.1, "health/pooled_std": 0.1,
@@ -30,7 +30,8 @@ def test_plots_health_records_beside_training_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     recs = plot_metrics.read_records(str(tmp_path))
     width, height = Image.open(plot_metrics.plot(recs, str(tmp_path / "m.png"))).size
-    assert width > 1000 and 500 < height < 700  # loss, lr + 4 health panels (two of ranks, std, cosine): 2 rows of 3
+    # loss, lr, wd + 4 health panels (two of ranks, std, cosine): 3 rows of 3 (without the online ranks, 2)
+    assert width > 1000 and 850 < height < 1100
     assert plot_metrics.series(recs, "health/target_std") == ([5, 10], [0.4, 0.4])
     assert plot_metrics.series(recs, "loss")[0] == list(range(1, 11))  # health records add no loss points
 
