@@ -1,9 +1,9 @@
 """A sweep (ijepa_jax.tools.sweep) that starts no point it cannot finish before a deadline.
 
     python launch/budget_sweep.py --config configs/cifar100.py:vit_tiny,reference --workdir /tmp/sweep \
-        --sweep configs/sweeps/cifar100_gpu_recipe.py --budget_s 480 [--out DIR] [--check_only]
+        --sweep configs/sweeps/cifar100_gpu_recipe.py --budget_s 480 [--out DIR] [--only A,B] [--check_only]
 
-The points run in the sweep file's order through the sweep runner's own functions (validation up
+The points run in the sweep file's order (or --only's) through the sweep runner's own functions (validation up
 front, resuming, baseline, summary), one point at a time: before each unfinished one, the time left is
 compared with the longest point measured so far in this process (--first_point_s before the first,
 which also pays for the random-init baseline); when it does not fit, the sweep stops there and a
@@ -132,6 +132,7 @@ def main(argv) -> None:
     status = 1
     try:
         shared, points = sweep.load_sweep(FLAGS.sweep)
+        points = sweep.select_points(points, FLAGS.only)
         protocols = tuple(p for p in FLAGS.protocols.split(",") if p)
         if not protocols or set(protocols) - set(evaluate.PROTOCOLS):
             raise ValueError(f"--protocols={FLAGS.protocols!r}: choose from {evaluate.PROTOCOLS}.")
@@ -171,6 +172,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("deadline", 0, "Instead of --budget_s: that moment as a Unix time.")
     flags.DEFINE_float("first_point_s", 150, "Assumed seconds of the first point (with the baseline's evaluation).")
     flags.DEFINE_string("out", "", "Folder to copy the summary files and points.tar.gz into after each point.")
+    flags.DEFINE_list("only", [], "Comma-separated point names: run only these, in this order.")
     flags.DEFINE_bool("check_only", False, "Validate every point (the sweep's pre-check), print the plan, stop.")
     flags.mark_flags_as_required(["config", "workdir", "sweep"])
     app.run(main)

@@ -7,7 +7,7 @@
 #
 #   launch/gpu_sweep.sh [--sweep FILE] [--config CONFIG] [--data DIR|synthetic] [--out DIR] [--work DIR]
 #                       [--budget_s N] [--wheels DIR] [--protocols knn,linear] [--workers N]
-#                       [--first_point_s N] [--config.KEY=VALUE ...]
+#                       [--first_point_s N] [--only NAME,NAME] [--config.KEY=VALUE ...]
 #
 # Defaults: configs/sweeps/cifar100_gpu_recipe.py, configs/cifar100.py:vit_tiny,reference (the base the
 #   sweep files' points override: batch 256, lr 1e-3), ../shared/data, $OUT
@@ -21,6 +21,7 @@
 #   (every point's config, metrics.jsonl, sweep row and results.json), refreshed after each point.
 # --wheels: wheels for packages the machine lacks, installed with pip --no-index into --work/site (kept:
 #   a later call without --wheels uses them). Trailing --config.KEY=VALUE flags reach every point.
+# --only: run only these points of the sweep file, in this order (points finished before stay in the summary).
 # The first line of output is the environment (JSON). Exit 0: every point finished; 3: stopped by the
 # budget (run again to continue); 1: an error; 2: a bad argument. Run from the repository root.
 # docs/gpu_sweep.md: the whole sequence of device calls, with CIFAR-100 sent in parts.
@@ -29,10 +30,10 @@ set -uo pipefail
 START=$(date +%s)
 SWEEP="configs/sweeps/cifar100_gpu_recipe.py" CONFIG="configs/cifar100.py:vit_tiny,reference" DATA="../shared/data"
 OUT_DIR="${OUT:-}" WORK="/tmp/ijepa_gpu_sweep" BUDGET=510 WHEELS="" PROTOCOLS="knn,linear" WORKERS=4
-FIRST_POINT=150 EXTRA=()
+FIRST_POINT=150 ONLY="" EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --sweep|--config|--data|--out|--work|--budget_s|--wheels|--protocols|--workers|--first_point_s)
+    --sweep|--config|--data|--out|--work|--budget_s|--wheels|--protocols|--workers|--first_point_s|--only)
       [[ $# -ge 2 ]] || { echo "$1 needs a value" >&2; exit 2; } ;;&
     --sweep) SWEEP="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
@@ -44,6 +45,7 @@ while [[ $# -gt 0 ]]; do
     --protocols) PROTOCOLS="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --first_point_s) FIRST_POINT="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
     --config.*) EXTRA+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see the head of launch/gpu_sweep.sh)" >&2; exit 2 ;;
   esac
@@ -155,7 +157,8 @@ echo "gpu_sweep: $SWEEP on $CONFIG in $SWEEP_DIR, $(( DEADLINE - $(date +%s) )) 
 timeout -s TERM -k 30 "$HARD" "$PY" launch/budget_sweep.py --config "$CONFIG" --workdir "$SWEEP_DIR" \
   --sweep "$SWEEP" --protocols "$PROTOCOLS" --deadline "$DEADLINE" --out "$OUT_DIR" \
   --config.model.dtype=bfloat16 --config.data.augment_on=device --config.data.num_workers="$WORKERS" \
-  --first_point_s "$FIRST_POINT" --config.compilation_cache_dir="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}" "${DATA_FLAGS[@]}" "${EXTRA[@]}"
+  --first_point_s "$FIRST_POINT" --only "$ONLY" \
+  --config.compilation_cache_dir="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}" "${DATA_FLAGS[@]}" "${EXTRA[@]}"
 rc=$?
 case $rc in
   0) echo "gpu_sweep: every point finished in $(( $(date +%s) - START )) s; results in $OUT_DIR" ;;

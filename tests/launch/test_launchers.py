@@ -199,6 +199,17 @@ def test_gpu_sweep_starts_no_point_that_cannot_finish_in_the_budget(tmp_path):
     assert not (tmp_path / "work" / "sweep_cifar100_vit_tiny_smoke_synthetic" / "ema996").exists()
 
 
+def test_gpu_sweep_only_plans_the_named_points(tmp_path):
+    """--only reaches the runner: the plan holds the named point alone (stopped by the budget before
+    training anything), and a name the sweep file lacks is one line naming the choices."""
+    proc = gpu_sweep(tmp_path, *SMOKE, "--only", "ema98", "--budget_s", "300", "--first_point_s", "100000")
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    (stop,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"gpu_sweep": "stop"')]
+    assert stop["before"] == "ema98" and stop["todo"] == ["ema98"]
+    proc = gpu_sweep(tmp_path, *SMOKE, "--only", "ema97")
+    assert proc.returncode == 1 and "--only: no point 'ema97'; choose from ema996, ema98" in proc.stdout
+
+
 def test_gpu_sweep_refuses_bad_arguments_and_missing_data(tmp_path):
     proc = gpu_sweep(tmp_path, "--budget", "5")
     assert proc.returncode == 2 and "unknown argument: --budget" in proc.stderr
