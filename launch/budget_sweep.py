@@ -3,11 +3,11 @@
     python launch/budget_sweep.py --config configs/cifar100.py:vit_tiny,reference --workdir /tmp/sweep \
         --sweep configs/sweeps/cifar100_gpu_recipe.py --budget_s 480 [--out DIR] [--only A,B] [--check_only]
 
-The points run in the sweep file's order (or --only's) through the sweep runner's own functions (validation up
-front, resuming, baseline, summary), one point at a time: before each unfinished one, the time left is
-compared with the longest point measured so far in this process (--first_point_s before the first,
-which also pays for the random-init baseline); when it does not fit, the sweep stops there and a
-re-run of the same command continues from it. SIGTERM stops it too: a point in training saves a
+The points run in the sweep file's order (or --only's) through the sweep runner's own functions
+(validation up front, resuming, baseline, summary), one point at a time: before each unfinished one,
+the time left is compared with the longest point measured so far in this process (--first_point_s
+before the first, which also pays for the random-init baseline); when it does not fit, the sweep
+stops there and a re-run of the same command continues from it. SIGTERM stops it too: a point in training saves a
 checkpoint first (train's preemption path); elsewhere the process stops at once. Either way --out gets
 what is finished: summary.md, summary.jsonl, summary.png and points.tar.gz (each point's and baseline's
 small files: config, metrics, sweep row, evaluation results; no checkpoints or feature caches).
